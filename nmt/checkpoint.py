@@ -1,0 +1,74 @@
+"""Checkpoints: written atomically, loaded with weights_only=True so loading never runs code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts: "model" holds the
+model's state_dict, beside the optimizer, scheduler and RNG states, the counters and the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.errors import NMTError
+
+log = logging.getLogger(__name__)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside `path`, fsync it, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise NMTError(
+            f"Could not write the checkpoint {path} ({error.strerror or error}). The previous checkpoint is "
+            f"untouched. Free some disk space (or fix the permissions) and resume with trainer.resume=true."
+        ) from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects; any problem is a clear NMTError."""
+    path = Path(path)
+    if not path.exists():
+        raise NMTError(f"The checkpoint {path} does not exist.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise NMTError(
+            f"Refused to load {path}: it holds objects other than tensors and plain data, so loading it could "
+            f"run code ({str(error).splitlines()[0][:200]}). Only load checkpoints written by nmt."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise NMTError(f"The checkpoint {path} is truncated or corrupted ({str(error).splitlines()[0][:200]}).") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise NMTError(f"{path} is not an nmt checkpoint (no 'model' entry).")
+    return state

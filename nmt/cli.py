@@ -1,0 +1,137 @@
+"""The console scripts nmt-train, nmt-evaluate and nmt-translate.
+
+Each composes its Hydra config (`configs/<name>.yaml` against the schemas in nmt.config) from
+`key=value` overrides, turns it into dataclasses, and calls one function. A user's mistake (a bad
+key, value, file or directory) ends with one paragraph on stderr and exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nmt.config import EvaluateConfig, TrainConfig, TranslateConfig
+from nmt.errors import NMTError
+
+SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig}
+EXIT_USER_ERROR = 2
+
+USAGE = """usage: nmt-{name} [key=value ...] [--cfg] [--help]
+
+Settings are Hydra overrides, e.g.
+  nmt-train experiment=debug paths.data_dir=../shared/data paths.run_dir=runs/debug
+  nmt-train model.hidden_size=256 trainer.max_time=30m
+  nmt-evaluate run=runs/debug eval.beam_size=5
+  nmt-translate run=runs/debug < input.txt > output.txt
+--cfg prints the composed config and exits. Config groups: {groups}
+"""
+
+
+def fail(message: str) -> None:
+    """Print a user-facing error as one paragraph and exit."""
+    text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+    print(f"nmt: error: {text}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _describe_config_error(error: Exception) -> str:
+    """Hydra/OmegaConf's multi-line message -> one sentence that names the key and what to do."""
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
+    full_key = re.search(r"full_key: (\S+)", text)
+    key = full_key.group(1) if full_key else None
+    if "not in" in text and key and re.search(r"Key '[^']+' not in", text):
+        return (f"Unknown setting {key}: there is no such key. Check its spelling; "
+                f"nmt-{{name}} --cfg prints every setting with its current value.")
+    converted = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
+    if converted and key:
+        return f"Wrong type for {key}: {converted.group(1)!r} is not a valid {converted.group(2).lower()}."
+    missing_option = re.search(r"Could not find '([^']+)'\s+Available options in '([^']+)':\s*(.*?)\s*Config search path", text, re.S)
+    if missing_option:
+        options = ", ".join(missing_option.group(3).split())
+        return f"There is no {missing_option.group(2)} called {missing_option.group(1).split('/')[-1]!r}; choose one of: {options}."
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith(("object_type", "reference_type", "To append"))]
+    return " ".join(lines) + " See --help for usage."
+
+
+def compose_config(name: str, overrides: list[str]):
+    """Compose configs/<name>.yaml with overrides -> (dataclass config, plain dict)."""
+    store = ConfigStore.instance()
+    for schema_name, schema in SCHEMAS.items():
+        store.store(name=f"{schema_name}_schema", node=schema)
+    try:
+        with initialize_config_module(config_module="nmt.configs", version_base=None):
+            cfg = compose(config_name=name, overrides=overrides)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            fail(f"Missing required setting(s): {', '.join(missing)}. Add e.g. {missing[0]}=... to the command.")
+        return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+    except NMTError as error:
+        fail(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, NMTError):  # raised by a schema's __post_init__ inside OmegaConf
+            fail(str(cause))
+        fail(_describe_config_error(error).replace("{name}", name))
+
+
+def _groups(name: str) -> str:
+    if name != "train":
+        return "none"
+    from importlib import resources
+
+    root = resources.files("nmt.configs")
+    groups = []
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("_"):
+            options = sorted(f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml"))
+            groups.append(f"{entry.name}={{{','.join(options)}}}")
+    return " ".join(groups)
+
+
+def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(USAGE.format(name=name, groups=_groups(name)))
+        return
+    show = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    for arg in overrides:
+        if arg.startswith("-"):
+            fail(f"Unknown option {arg!r}. Settings are given as key=value; see --help.")
+    cfg, cfg_dict = compose_config(name, overrides)
+    if show:
+        print(OmegaConf.to_yaml(cfg_dict))
+        return
+    try:
+        task(cfg, cfg_dict)
+    except NMTError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        print("nmt: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def train() -> None:
+    from nmt.train import train as run_training
+
+    main("train", run_training)
+
+
+def evaluate() -> None:
+    from nmt.evaluate import evaluate as run_evaluation
+
+    main("evaluate", run_evaluation)
+
+
+def translate() -> None:
+    from nmt.translate import translate as run_translation
+
+    main("translate", run_translation)

@@ -1,0 +1,353 @@
+"""Dataclass schemas for every config group, with the cross-field checks.
+
+The schemas are registered with Hydra's ConfigStore and merged under the YAML files, so the composed
+config is closed: an unknown key or a wrong type fails while composing. Checks that need a value
+(ranges, choices, combinations) live in `__post_init__` and run when the CLI turns the composed
+config into these dataclasses, before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+from nmt.errors import ConfigError
+
+INIT_SCHEMES = ("normal", "uniform", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+DATASETS = ("multi30k", "tatoeba", "files")
+SPLITS = ("train", "val", "test")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(choices)}.")
+
+
+def check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be greater than 0, got {value}.")
+
+
+def check_non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key} must be 0 or more, got {value}.")
+
+
+def check_probability(key: str, value: float, upper_inclusive: bool = False) -> None:
+    if not (0.0 <= value < 1.0 or (upper_inclusive and value == 1.0)):
+        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ConfigError(f"{key} must lie in {bound}, got {value}.")
+
+
+def parse_duration(key: str, text: Optional[str]) -> Optional[float]:
+    """'90' or '90s' -> 90.0; '15m', '1.5h', '01:30:00' (H:M:S) are accepted too; None stays None."""
+    if text is None or str(text).strip().lower() in ("", "none", "null"):
+        return None
+    text = str(text).strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text)
+    if match:
+        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}", text):
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + int(part)
+    else:
+        raise ConfigError(
+            f"{key}={text!r} is not a duration; write seconds (3600), a unit (90s, 45m, 1.5h) or H:MM:SS."
+        )
+    check_positive(key, seconds)
+    return seconds
+
+
+@dataclass
+class SplitFiles:
+    """One split of the user's own data: two line-aligned files, or one TSV (source<TAB>target)."""
+
+    src: Optional[str] = None
+    tgt: Optional[str] = None
+    tsv: Optional[str] = None
+
+
+@dataclass
+class VocabConfig:
+    type: str = "unigram"  # unigram | bpe
+    size: int = 8000
+    joint: bool = True
+    character_coverage: float = 1.0
+    max_sentences: int = 2_000_000  # SentencePiece samples at most this many training sentences
+
+    def __post_init__(self) -> None:
+        check_choice("data.vocab.type", self.type, ("unigram", "bpe"))
+        if self.size < 16:
+            raise ConfigError(f"data.vocab.size must be at least 16, got {self.size}.")
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ConfigError(f"data.vocab.character_coverage must lie in [0.9, 1], got {self.character_coverage}.")
+        check_positive("data.vocab.max_sentences", self.max_sentences)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "multi30k"  # multi30k | tatoeba | files
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    # multi30k: which file stem is the test split (test_2016_flickr, test_2017_flickr, ...)
+    test_set: str = "test_2016_flickr"
+    # tatoeba: the PyTorch tutorial's filter (< 10 words, English starting "i am", "he is", ...)
+    tutorial_filter: bool = False
+    # tatoeba and other single-file sets: the share of pairs held out for val and test
+    heldout_fraction: float = 0.01
+    # files: the user's own data
+    train: SplitFiles = field(default_factory=SplitFiles)
+    val: SplitFiles = field(default_factory=SplitFiles)
+    test: SplitFiles = field(default_factory=SplitFiles)
+    # reading
+    on_decode_error: str = "error"  # error | replace
+    on_bad_line: str = "error"  # error | skip (a TSV line without exactly one tab)
+    # training-pair filter, in SentencePiece pieces (val and test are never filtered)
+    min_len: int = 1
+    max_len: int = 100
+    max_len_ratio: float = 3.0
+    # slices for quick runs: the first N pairs of a split (0 = all)
+    train_limit: int = 0
+    val_limit: int = 0
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    # batching: padded target tokens per batch, and how many batches' worth of examples are
+    # sorted together by length (larger = less padding, less randomness)
+    batch_tokens: int = 4096
+    sort_pool: int = 100
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.on_decode_error", self.on_decode_error, ("error", "replace"))
+        check_choice("data.on_bad_line", self.on_bad_line, ("error", "skip"))
+        if self.src_lang == self.tgt_lang:
+            raise ConfigError(f"data.src_lang and data.tgt_lang are both {self.src_lang!r}; pick two languages.")
+        check_probability("data.heldout_fraction", self.heldout_fraction)
+        check_positive("data.min_len", self.min_len)
+        if self.max_len < self.min_len:
+            raise ConfigError(f"data.max_len ({self.max_len}) must be at least data.min_len ({self.min_len}).")
+        if self.max_len_ratio < 1:
+            raise ConfigError(f"data.max_len_ratio must be at least 1, got {self.max_len_ratio}.")
+        check_non_negative("data.train_limit", self.train_limit)
+        check_non_negative("data.val_limit", self.val_limit)
+        check_positive("data.batch_tokens", self.batch_tokens)
+        check_positive("data.sort_pool", self.sort_pool)
+        if self.dataset == "files":
+            for split in ("train", "val"):
+                files: SplitFiles = getattr(self, split)
+                if not files.tsv and not (files.src and files.tgt):
+                    raise ConfigError(
+                        f"data.dataset=files needs data.{split}.src and data.{split}.tgt "
+                        f"(two line-aligned files) or data.{split}.tsv (one source<TAB>target file)."
+                    )
+                if files.tsv and (files.src or files.tgt):
+                    raise ConfigError(f"Set either data.{split}.tsv or data.{split}.src/tgt, not both.")
+
+
+@dataclass
+class EmbeddingConfig:
+    init: str = "normal"
+    init_scale: float = 0.1  # std for normal, bound for uniform; ignored by xavier/kaiming
+    max_norm: Optional[float] = None
+    scale: bool = False  # multiply by sqrt(embedding_dim)
+    freeze: str = "none"  # none | src | tgt | both
+    src_vectors: Optional[str] = None  # word2vec / GloVe / fastText text file
+    tgt_vectors: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_choice("model.embeddings.init", self.init, INIT_SCHEMES)
+        check_positive("model.embeddings.init_scale", self.init_scale)
+        if self.max_norm is not None:
+            check_positive("model.embeddings.max_norm", self.max_norm)
+        check_choice("model.embeddings.freeze", self.freeze, ("none", "src", "tgt", "both"))
+        if self.freeze != "none" and self.max_norm is not None:
+            raise ConfigError(
+                "model.embeddings.max_norm rescales embedding rows in place during lookup, so frozen embeddings "
+                "would still change: unset model.embeddings.max_norm or set model.embeddings.freeze=none."
+            )
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 256
+    hidden_size: int = 512
+    attention_size: Optional[int] = None  # defaults to hidden_size
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    dropout: float = 0.2  # on embeddings, encoder outputs and the output layer
+    rnn_dropout: float = 0.0  # between stacked GRU layers
+    tie_embeddings: bool = False  # share the target embedding with the output projection
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+
+    def __post_init__(self) -> None:
+        check_positive("model.embedding_dim", self.embedding_dim)
+        check_positive("model.hidden_size", self.hidden_size)
+        if self.attention_size is not None:
+            check_positive("model.attention_size", self.attention_size)
+        check_positive("model.encoder_layers", self.encoder_layers)
+        check_positive("model.decoder_layers", self.decoder_layers)
+        check_probability("model.dropout", self.dropout)
+        check_probability("model.rnn_dropout", self.rnn_dropout)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.1
+    scheduler: str = "plateau"  # plateau | inverse_sqrt | none
+    # plateau: multiply lr by `factor` after `patience` validations without improvement
+    factor: float = 0.5
+    patience: int = 2
+    min_lr: float = 1e-6
+    # inverse_sqrt: linear warmup, then lr * sqrt(warmup_steps / step)
+    warmup_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        check_positive("optim.lr", self.lr)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, e.g. [0.9,0.999], got {self.betas}.")
+        for beta in self.betas:
+            check_probability("optim.betas", beta)
+        check_non_negative("optim.weight_decay", self.weight_decay)
+        check_non_negative("optim.clip_grad_norm", self.clip_grad_norm)
+        check_probability("optim.label_smoothing", self.label_smoothing)
+        check_choice("optim.scheduler", self.scheduler, ("plateau", "inverse_sqrt", "none"))
+        if not 0 < self.factor < 1:
+            raise ConfigError(f"optim.factor must lie in (0, 1), got {self.factor}.")
+        check_non_negative("optim.patience", self.patience)
+        check_non_negative("optim.min_lr", self.min_lr)
+        check_positive("optim.warmup_steps", self.warmup_steps)
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_epochs: int = 30
+    max_steps: int = 0  # 0 = no limit
+    max_time: Optional[str] = None  # seconds, or 90s / 45m / 1.5h / H:MM:SS
+    validate_every: int = 0  # steps; 0 = once per epoch
+    log_every: int = 50  # steps between training lines in metrics.jsonl
+    early_stopping_metric: str = "bleu"  # bleu | loss | ppl
+    patience: int = 5  # validations without improvement before stopping; 0 = never stop early
+    min_delta: float = 0.0
+    val_beam_size: int = 1  # greedy dev BLEU by default
+    val_max_len_ratio: float = 1.5
+    resume: bool = False
+    deterministic: bool = True
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"trainer.device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+        check_positive("trainer.max_epochs", self.max_epochs)
+        check_non_negative("trainer.max_steps", self.max_steps)
+        parse_duration("trainer.max_time", self.max_time)
+        check_non_negative("trainer.validate_every", self.validate_every)
+        check_positive("trainer.log_every", self.log_every)
+        check_choice("trainer.early_stopping_metric", self.early_stopping_metric, ("bleu", "loss", "ppl"))
+        check_non_negative("trainer.patience", self.patience)
+        check_non_negative("trainer.min_delta", self.min_delta)
+        check_positive("trainer.val_beam_size", self.val_beam_size)
+        check_positive("trainer.val_max_len_ratio", self.val_max_len_ratio)
+        check_non_negative("trainer.num_threads", self.num_threads)
+
+    @property
+    def max_seconds(self) -> Optional[float]:
+        return parse_duration("trainer.max_time", self.max_time)
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    run_dir: Optional[str] = None  # None = outputs/<experiment>/<timestamp>
+
+
+@dataclass
+class TrainConfig:
+    name: str = "multi30k_de_en"  # the experiment's name, used in the default run directory
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.tie_embeddings and self.model.embeddings.freeze in ("tgt", "both"):
+            raise ConfigError(
+                "model.tie_embeddings=true shares the target embedding with the output layer, so it cannot "
+                "be frozen: set model.embeddings.freeze to none or src, or model.tie_embeddings=false."
+            )
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings shared by validation, evaluation and translation."""
+
+    PREFIX: ClassVar[str] = ""  # the config key these fields sit under, for messages
+
+    beam_size: int = 5
+    alpha: float = 1.0  # GNMT length penalty ((5 + len) / 6) ** alpha; 0 = raw log-probability
+    max_len_ratio: float = 1.5  # outputs stop at ratio * source length + 5 pieces
+    n_best: int = 1
+    batch_size: int = 64  # sentences per decoding batch
+
+    def __post_init__(self) -> None:
+        key = self.PREFIX
+        check_positive(f"{key}beam_size", self.beam_size)
+        check_non_negative(f"{key}alpha", self.alpha)
+        check_positive(f"{key}max_len_ratio", self.max_len_ratio)
+        check_positive(f"{key}n_best", self.n_best)
+        if self.n_best > self.beam_size:
+            raise ConfigError(f"{key}n_best ({self.n_best}) cannot exceed {key}beam_size ({self.beam_size}).")
+        check_positive(f"{key}batch_size", self.batch_size)
+
+
+@dataclass
+class EvalOptions(DecodeConfig):
+    PREFIX: ClassVar[str] = "eval."
+
+    checkpoint: str = "best"  # best | last | step0, or a path to a .pt file
+    split: str = "test"  # test | val (ignored when src/ref are given)
+    src: Optional[str] = None  # your own source file ...
+    ref: Optional[str] = None  # ... and its reference translations
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("eval.split", self.split, ("test", "val"))
+        if (self.src is None) != (self.ref is None):
+            raise ConfigError("eval.src and eval.ref go together: give both files, or neither to score a split.")
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = "???"  # the run directory made by nmt-train
+    device: str = "auto"
+    data_dir: Optional[str] = None  # where the run's data set lives; default: the run's paths.data_dir
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
+@dataclass
+class TranslateOptions(DecodeConfig):
+    PREFIX: ClassVar[str] = "translate."
+
+    checkpoint: str = "best"
+    input: Optional[str] = None  # a file; default: stdin (a prompt when stdin is a terminal)
+    output: Optional[str] = None  # a file; default: stdout
+    attention_dir: Optional[str] = None  # write one attention heatmap PNG per sentence here
+    max_src_len: int = 250  # longer inputs are cut to this many pieces, with a warning
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("translate.max_src_len", self.max_src_len)
+
+
+@dataclass
+class TranslateConfig:
+    run: str = "???"
+    device: str = "auto"
+    translate: TranslateOptions = field(default_factory=TranslateOptions)

@@ -1,0 +1,38 @@
+"""Console output: logging that does not break tqdm bars, and the run's log file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Writes log lines above any active tqdm bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
+    root = logging.getLogger("nmt")
+    root.setLevel(level)
+    root.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    console = TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(file_handler)

@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: the CLI prints them as one paragraph, without a traceback."""
+
+
+class NMTError(Exception):
+    """A problem with the user's input, files or settings; the message says what to do."""
+
+
+class ConfigError(NMTError):
+    """A config value that cannot work; the message names the key."""

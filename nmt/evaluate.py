@@ -1,0 +1,85 @@
+"""nmt-evaluate: decode a split (or your own files) with a trained run, and score it with sacrebleu."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+
+from nmt.config import EvaluateConfig
+from nmt.console import setup_logging
+from nmt.data.corpus import ParallelText, load_splits, read_lines
+from nmt.decoding import translate_sentences
+from nmt.errors import NMTError
+from nmt.run import TrainedRun, load_trained
+from nmt.runtime import pick_device
+
+log = logging.getLogger(__name__)
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU and chrF with their sacrebleu signatures."""
+    bleu, chrf = BLEU(), CHRF()
+    bleu_score = bleu.corpus_score(hypotheses, [references])
+    chrf_score = chrf.corpus_score(hypotheses, [references])
+    return {
+        "bleu": bleu_score.score, "bleu_signature": str(bleu.get_signature()), "bleu_text": str(bleu_score),
+        "chrf": chrf_score.score, "chrf_signature": str(chrf.get_signature()), "chrf_text": str(chrf_score),
+    }
+
+
+def evaluation_data(cfg: EvaluateConfig, run: TrainedRun) -> tuple[str, ParallelText]:
+    """(name, text): eval.src/eval.ref when given, else the run's own val or test split."""
+    options = cfg.eval
+    if options.src is not None:
+        sources, references = read_lines(Path(options.src)), read_lines(Path(options.ref))
+        if len(sources) != len(references):
+            raise NMTError(
+                f"eval.src {options.src} has {len(sources)} lines but eval.ref {options.ref} has {len(references)}; "
+                f"each reference line must translate the same source line."
+            )
+        return Path(options.src).name, ParallelText(sources, references, options.src)
+    data_dir = Path(cfg.data_dir or run.config.paths.data_dir)
+    return options.split, load_splits(run.config.data, data_dir, (options.split,))[options.split]
+
+
+def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
+    """Decode, write DIR/eval/<name>.hyp (and .ref), print BLEU and chrF, save DIR/eval/<name>.json."""
+    setup_logging()
+    device = pick_device(cfg.device, "device")
+    run = load_trained(cfg.run, cfg.eval.checkpoint, device)
+    name, data = evaluation_data(cfg, run)
+    if not len(data):
+        raise NMTError(f"There is nothing to evaluate: {data.name} is empty.")
+    started = time.perf_counter()
+    translations = translate_sentences(run.model, run.vocab, data.src, cfg.eval, device, progress=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    hypotheses = [t.text for t in translations]
+    out_dir = run.files.run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hyp_path, ref_path = out_dir / f"{name}.hyp", out_dir / f"{name}.ref"
+    hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    ref_path.write_text("".join(r + "\n" for r in data.tgt), encoding="utf-8")
+    tokens = sum(len(t.tgt_pieces) for t in translations)
+    result = {
+        "run": str(run.files.run_dir), "checkpoint": str(run.checkpoint), "split": name, "source": data.name,
+        "sentences": len(hypotheses), **score(hypotheses, data.tgt),
+        "seconds": seconds, "sentences_per_s": len(hypotheses) / seconds, "tgt_tokens_per_s": tokens / seconds,
+        "decoding": {"beam_size": cfg.eval.beam_size, "alpha": cfg.eval.alpha, "max_len_ratio": cfg.eval.max_len_ratio,
+                     "batch_size": cfg.eval.batch_size, "device": str(device)},
+        "hypotheses": str(hyp_path), "references": str(ref_path),
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(result["bleu_text"])
+    print(f"  {result['bleu_signature']}")
+    print(result["chrf_text"])
+    print(f"  {result['chrf_signature']}")
+    print(f"{len(hypotheses)} sentences in {seconds:.1f} s ({result['sentences_per_s']:.1f} sent/s, "
+          f"{result['tgt_tokens_per_s']:.0f} tgt tok/s); wrote {hyp_path} and {out_dir / f'{name}.json'}")
+    return result

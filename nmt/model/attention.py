@@ -1,0 +1,35 @@
+"""Bahdanau additive attention (Bahdanau, Cho and Bengio 2015, "Neural Machine Translation by Jointly
+Learning to Align and Translate", section 3.1 and appendix A.1.2).
+
+e_ij = v^T tanh(W s_{i-1} + U h_j): the query is the decoder's *previous* state s_{i-1}; the keys
+U h_j do not depend on i, so they are projected once per sentence and passed to every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BahdanauAttention(nn.Module):
+    """Stateless: query (B, H), projected keys (B, S, A), values (B, S, 2H), mask (B, S) ->
+    context (B, 2H), weights (B, S)."""
+
+    def __init__(self, query_size: int, key_size: int, attention_size: int):
+        super().__init__()
+        self.query_proj = nn.Linear(query_size, attention_size, bias=False)  # W
+        self.key_proj = nn.Linear(key_size, attention_size, bias=True)  # U (its bias stands for W's)
+        self.v = nn.Linear(attention_size, 1, bias=False)
+
+    def project_keys(self, states: torch.Tensor) -> torch.Tensor:
+        """states (B, S, 2H) -> keys (B, S, A), once per sentence."""
+        return self.key_proj(states)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.v(torch.tanh(self.query_proj(query).unsqueeze(1) + keys)).squeeze(-1)  # (B, S)
+        # -inf before the softmax gives padded positions exactly zero weight.
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)  # (B, S)
+        context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # (B, 2H)
+        return context, weights

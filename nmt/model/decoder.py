@@ -1,0 +1,89 @@
+"""GRU decoder with Bahdanau attention and a deep output layer.
+
+At step i the attention reads the previous state s_{i-1}, giving the context c_i; the GRU reads
+[embedding(y_{i-1}); c_i] and moves to s_i; the output layer reads [s_i; c_i; embedding(y_{i-1})].
+`forward` (teacher forcing) and `step` (search) go through the same `_advance`, so unrolling `step`
+reproduces `forward` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmt.model.attention import BahdanauAttention
+
+
+def gru_update(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The GRU cell's gate arithmetic (torch's r, z, n order): gates (B, 3H), hidden (B, H) -> (B, H)."""
+    i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
+    h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
+    reset = torch.sigmoid(i_r + h_r)
+    update = torch.sigmoid(i_z + h_z)
+    candidate = torch.tanh(i_n + reset * h_n)
+    return candidate + update * (hidden - candidate)  # (1 - z) * n + z * h
+
+
+class Decoder(nn.Module):
+    def __init__(self, embedding_dim: int, hidden_size: int, encoder_size: int, attention_size: int,
+                 num_layers: int, dropout: float, rnn_dropout: float):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bridge = nn.Linear(encoder_size, num_layers * hidden_size)
+        self.attention = BahdanauAttention(hidden_size, encoder_size, attention_size)
+        # Layer 0's input is [embedding; context]. Its weight is split so the embedding half can be
+        # applied to all target positions at once, outside the step loop.
+        self.cell = nn.GRUCell(embedding_dim + encoder_size, hidden_size)
+        self.upper_cells = nn.ModuleList(nn.GRUCell(hidden_size, hidden_size) for _ in range(num_layers - 1))
+        self.rnn_dropout = nn.Dropout(rnn_dropout)
+        self.pre_output = nn.Linear(hidden_size + encoder_size + embedding_dim, embedding_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def init_hidden(self, encoder_final: torch.Tensor) -> torch.Tensor:
+        """encoder_final (B, 2H) -> hidden (L, B, H)."""
+        bridged = torch.tanh(self.bridge(encoder_final))  # (B, L * H)
+        return bridged.view(-1, self.num_layers, self.hidden_size).transpose(0, 1).contiguous()  # (L, B, H)
+
+    def _embedding_gates(self, embedded: torch.Tensor) -> torch.Tensor:
+        """embedded (..., E) -> layer 0's input gates from the embedding half, bias included (..., 3H)."""
+        return F.linear(embedded, self.cell.weight_ih[:, :self.embedding_dim], self.cell.bias_ih)
+
+    def _advance(self, embedding_gates: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor,
+                 keys: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step: gates (B, 3H), hidden (L, B, H) -> top state (B, H), context (B, 2H), weights (B, S), hidden."""
+        context, weights = self.attention(hidden[-1], keys, states, src_mask)  # (B, 2H), (B, S)
+        input_gates = embedding_gates + F.linear(context, self.cell.weight_ih[:, self.embedding_dim:])  # (B, 3H)
+        hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B, 3H)
+        layer_out = gru_update(input_gates, hidden_gates, hidden[0])  # (B, H)
+        new_hidden = [layer_out]
+        for layer, cell in enumerate(self.upper_cells, start=1):
+            layer_out = cell(self.rnn_dropout(layer_out), hidden[layer])  # (B, H)
+            new_hidden.append(layer_out)
+        return layer_out, context, weights, torch.stack(new_hidden)
+
+    def _output(self, top: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """[s_i; c_i; embedding] (..., H + 2H + E) -> pre-output (..., E)."""
+        return self.dropout(torch.tanh(self.pre_output(torch.cat([top, context, embedded], dim=-1))))
+
+    def forward(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
+                src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced unroll: embedded (B, T, E) -> pre-output (B, T, E), attention (B, T, S)."""
+        embedding_gates = self._embedding_gates(embedded)  # (B, T, 3H)
+        tops, contexts, attention = [], [], []
+        for t in range(embedded.size(1)):
+            top, context, weights, hidden = self._advance(embedding_gates[:, t], hidden, states, keys, src_mask)
+            tops.append(top)
+            contexts.append(context)
+            attention.append(weights)
+        # The output layer does not feed back into the recurrence, so it runs once over all steps.
+        pre_output = self._output(torch.stack(tops, 1), torch.stack(contexts, 1), embedded)  # (B, T, E)
+        return pre_output, torch.stack(attention, 1)  # (B, T, S)
+
+    def step(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
+             src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token: embedded (B, E), hidden (L, B, H) -> pre-output (B, E), hidden (L, B, H), weights (B, S)."""
+        top, context, weights, hidden = self._advance(self._embedding_gates(embedded), hidden, states, keys, src_mask)
+        return self._output(top, context, embedded), hidden, weights

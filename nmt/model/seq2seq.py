@@ -1,0 +1,66 @@
+"""The translation model: embeddings, encoder, decoder and output layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nmt.config import ModelConfig
+from nmt.data.vocab import PAD_ID
+from nmt.model.decoder import Decoder
+from nmt.model.embedding import Embeddings
+from nmt.model.encoder import Encoder
+
+
+@dataclass
+class EncoderOutput:
+    """What every decoder step needs about the source: states (B, S, 2H), keys (B, S, A), mask (B, S)."""
+
+    states: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "EncoderOutput":
+        """Pick (and repeat) batch rows, e.g. to expand each sentence into its beam."""
+        return EncoderOutput(self.states.index_select(0, rows), self.keys.index_select(0, rows),
+                             self.mask.index_select(0, rows))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
+        super().__init__()
+        E, H = cfg.embedding_dim, cfg.hidden_size
+        self.src_embed = Embeddings(src_vocab_size, E, PAD_ID, cfg.embeddings)
+        self.tgt_embed = Embeddings(tgt_vocab_size, E, PAD_ID, cfg.embeddings)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder = Encoder(E, H, cfg.encoder_layers, cfg.rnn_dropout, cfg.dropout)
+        self.decoder = Decoder(E, H, 2 * H, cfg.attention_size or H, cfg.decoder_layers, cfg.dropout, cfg.rnn_dropout)
+        self.output = nn.Linear(E, tgt_vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tgt_embed.weight  # one (V, E) matrix reads and writes pieces
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> tuple[EncoderOutput, torch.Tensor]:
+        """src_ids (B, S), src_lens (B,) -> encoder output, initial decoder hidden (L, B, H)."""
+        states, final = self.encoder(self.embed_dropout(self.src_embed(src_ids)), src_lens)  # (B, S, 2H), (B, 2H)
+        keys = self.decoder.attention.project_keys(states)  # (B, S, A)
+        return EncoderOutput(states, keys, src_ids != PAD_ID), self.decoder.init_hidden(final)
+
+    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src_ids (B, S), src_lens (B,), tgt_in (B, T) -> logits (B, T, V)."""
+        encoded, hidden = self.encode(src_ids, src_lens)
+        embedded = self.embed_dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        pre_output, _ = self.decoder(embedded, hidden, encoded.states, encoded.keys, encoded.mask)  # (B, T, E)
+        return self.output(pre_output)  # (B, T, V)
+
+    def step(self, prev_ids: torch.Tensor, hidden: torch.Tensor,
+             encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One search step: prev_ids (B,) -> log-probs (B, V), hidden (L, B, H), attention (B, S)."""
+        embedded = self.embed_dropout(self.tgt_embed(prev_ids))  # (B, E)
+        pre_output, hidden, weights = self.decoder.step(embedded, hidden, encoded.states, encoded.keys, encoded.mask)
+        return torch.log_softmax(self.output(pre_output).float(), dim=-1), hidden, weights  # (B, V)
+
+
+def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
+    return Seq2Seq(cfg, src_vocab_size, tgt_vocab_size)

@@ -1,0 +1,63 @@
+"""Figures: training curves (attention heatmaps and embedding views live here too)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
+    """Training and dev loss against steps, and dev BLEU, in one PNG."""
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    plt = _pyplot()
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (label-smoothed)")
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="dev loss")
+        ax_bleu.plot([r["step"] for r in val], [r["bleu"] for r in val], "o-", color="tab:green")
+    ax_loss.set(xlabel="step", ylabel="loss per target token", title="loss")
+    ax_loss.legend()
+    ax_bleu.set(xlabel="step", ylabel="BLEU", title="dev BLEU")
+    fig.tight_layout()
+    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_path)
+
+
+def plot_attention(src_pieces: list[str], tgt_pieces: list[str], weights, out_path: Path) -> None:
+    """An alignment heatmap as in Bahdanau et al. 2015, figure 3: source pieces across the top,
+    target pieces down the side, white = weight 1, black = 0. weights (T, S)."""
+    plt = _pyplot()
+    weights = weights.detach().float().cpu().numpy() if hasattr(weights, "detach") else weights
+    height, width = weights.shape
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * width + 1.5), max(3.0, 0.45 * height + 1.5)))
+    ax.imshow(weights, cmap="gray", vmin=0.0, vmax=1.0, aspect="equal")
+    ax.set_xticks(range(width), labels=src_pieces, rotation=90)
+    ax.set_yticks(range(height), labels=tgt_pieces)
+    ax.xaxis.tick_top()
+    ax.set_xlabel("source")
+    ax.set_ylabel("translation")
+    fig.tight_layout()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

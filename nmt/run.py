@@ -1,0 +1,134 @@
+"""The run directory: where each file lives, the saved config, and the rules for reusing a directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from omegaconf import OmegaConf
+
+from nmt.checkpoint import load_checkpoint
+from nmt.config import TrainConfig
+from nmt.data.vocab import Vocab
+from nmt.errors import NMTError
+from nmt.model.seq2seq import Seq2Seq, build_model
+
+log = logging.getLogger(__name__)
+
+# Settings that shape the model or its vocabulary: a resumed run must keep them.
+FIXED_ON_RESUME = ("data", "model")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    run_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "train.log"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{name}.pt"
+
+
+def read_config(files: RunFiles) -> dict:
+    if not files.config.exists():
+        raise NMTError(f"{files.run_dir} is not a training run: it has no config.yaml. Pass run=DIR with the "
+                       f"paths.run_dir of a run made by nmt-train.")
+    with open(files.config, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def write_config(files: RunFiles, cfg_dict: dict) -> None:
+    files.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = files.config.with_name(".config.yaml.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(cfg_dict, handle, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, files.config)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return keys
+
+
+def check_resumable(files: RunFiles, resume: bool, cfg_dict: dict) -> bool:
+    """Refuse to reuse a directory that holds another run unless resuming; True when a checkpoint is resumed."""
+    if not files.config.exists():
+        if resume:
+            log.warning("trainer.resume=true but %s holds no run yet; starting from the beginning", files.run_dir)
+        return False
+    if not resume:
+        raise NMTError(
+            f"The run directory {files.run_dir} already holds a run (config.yaml). Continue it with "
+            f"trainer.resume=true, or choose a new paths.run_dir; nothing was overwritten."
+        )
+    saved = read_config(files)
+    changed = [d for section in FIXED_ON_RESUME for d in _differences(saved.get(section, {}), cfg_dict[section], f"{section}.")]
+    if changed:
+        raise NMTError(
+            f"Cannot resume {files.run_dir} with different data or model settings: {'; '.join(changed)}. "
+            f"Resume with the original settings, or start a new run in another paths.run_dir."
+        )
+    if not files.checkpoint("last").exists():
+        log.warning("%s has no checkpoint yet; starting from the beginning", files.run_dir)
+        return False
+    return True
+
+
+@dataclass
+class TrainedRun:
+    """A run directory loaded for use: its config, vocabulary and model (in eval mode)."""
+
+    files: RunFiles
+    config: TrainConfig
+    vocab: Vocab
+    model: Seq2Seq
+    checkpoint: Path
+
+
+def checkpoint_path(files: RunFiles, name: str) -> Path:
+    """best | last | step0, or a path to a .pt file."""
+    if name in ("best", "last", "step0"):
+        return files.checkpoint(name)
+    return Path(name)
+
+
+def load_trained(run_dir: str | Path, checkpoint: str, device) -> TrainedRun:
+    """Rebuild the model from a run's saved config and load a checkpoint's weights into it."""
+    files = RunFiles(Path(run_dir))
+    if not files.run_dir.is_dir():
+        raise NMTError(f"The run directory {files.run_dir} does not exist. Pass run=DIR with a directory made by nmt-train.")
+    saved = read_config(files)
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
+    except Exception as error:  # noqa: BLE001 - any schema mismatch means the file is not ours
+        raise NMTError(f"{files.config} does not match this version of nmt ({str(error).splitlines()[0]}).") from None
+    path = checkpoint_path(files, checkpoint)
+    if not path.exists():
+        raise NMTError(f"The checkpoint {path} does not exist; has the run {files.run_dir} saved one yet? "
+                       f"Choose another with checkpoint=best, last or step0.")
+    state = load_checkpoint(path, map_location="cpu")
+    vocab = Vocab.load(files.run_dir, config.data.vocab.joint)
+    model = build_model(config.model, vocab.size("src"), vocab.size("tgt"))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return TrainedRun(files, config, vocab, model, path)

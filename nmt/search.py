@@ -1,0 +1,194 @@
+"""Greedy decoding and batched beam search over `Seq2Seq.encode` and `Seq2Seq.step`.
+
+All sentences of a batch decode together; there is no Python loop over the batch per step. A
+sentence that is done leaves the working tensors, so it stops consuming compute. At its last allowed
+step a sentence may only emit eos, which bounds every output by `max_len_ratio` times its source
+length plus a small constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmt.data.vocab import BOS_ID, EOS_ID
+from nmt.model.seq2seq import EncoderOutput, Seq2Seq
+
+EXTRA_LEN = 5  # room for very short sources
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without bos and eos
+    score: float  # log_prob divided by the length penalty (equal to log_prob when alpha = 0)
+    log_prob: float  # the model's log-probability of tokens + eos
+    attention: torch.Tensor | None  # (T + 1, S): a row per output token and the eos, real source positions
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT's ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, section 7); |Y| counts the eos."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_lengths(src_lens: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Output length bounds, eos included: src_lens (B,) -> (B,)."""
+    return (src_lens.float() * ratio).floor().long() + EXTRA_LEN
+
+
+def _force_eos(log_probs: torch.Tensor, at_limit: torch.Tensor) -> torch.Tensor:
+    """Rows at their length bound may only choose eos: log_probs (R, V), at_limit (R,) -> (R, V)."""
+    if not at_limit.any():
+        return log_probs
+    forced = torch.full_like(log_probs, float("-inf"))
+    forced[:, EOS_ID] = log_probs[:, EOS_ID]
+    return torch.where(at_limit.unsqueeze(1), forced, log_probs)
+
+
+def _hypothesis(tokens: torch.Tensor, log_prob: float, attention: torch.Tensor | None, src_len: int,
+                alpha: float) -> Hypothesis:
+    """tokens (t,) ending in eos, attention (t, S) or None -> Hypothesis."""
+    return Hypothesis(tokens[:-1].tolist(), log_prob / length_penalty(tokens.numel(), alpha), log_prob,
+                      None if attention is None else attention[:, :src_len].cpu())
+
+
+@torch.no_grad()
+def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_len_ratio: float = 1.5,
+           alpha: float = 0.0, keep_attention: bool = True) -> list[Hypothesis]:
+    """src_ids (B, S), src_lens (B,) -> the most likely next token at each step, one hypothesis per sentence."""
+    device = src_ids.device
+    encoded, hidden = model.encode(src_ids, src_lens)
+    limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
+    active = torch.arange(src_ids.size(0), device=device)  # (N,) sentences still decoding
+    prev = torch.full_like(active, BOS_ID)  # (N,)
+    seq = torch.empty(active.numel(), 0, dtype=torch.long, device=device)  # (N, t)
+    attn = torch.empty(active.numel(), 0, src_ids.size(1), device=device)  # (N, t, S)
+    log_prob = torch.zeros(active.numel(), device=device)  # (N,)
+    results: list[Hypothesis | None] = [None] * src_ids.size(0)
+    for t in range(int(limits.max())):
+        log_probs, hidden, weights = model.step(prev, hidden, encoded)  # (N, V), (L, N, H), (N, S)
+        log_probs = _force_eos(log_probs, limits[active] == t + 1)
+        best_lp, prev = log_probs.max(dim=-1)  # (N,)
+        log_prob = log_prob + best_lp
+        seq = torch.cat([seq, prev.unsqueeze(1)], dim=1)  # (N, t + 1)
+        if keep_attention:
+            attn = torch.cat([attn, weights.unsqueeze(1).float()], dim=1)  # (N, t + 1, S)
+        ended = prev == EOS_ID  # (N,)
+        for row in ended.nonzero().flatten().tolist():
+            sentence = int(active[row])
+            results[sentence] = _hypothesis(seq[row], float(log_prob[row]), attn[row] if keep_attention else None,
+                                            int(src_lens[sentence]), alpha)
+        if ended.all():
+            break
+        if ended.any():
+            keep = (~ended).nonzero().flatten()
+            active, prev, seq, attn, log_prob = active[keep], prev[keep], seq[keep], attn[keep], log_prob[keep]
+            hidden, encoded = hidden[:, keep], encoded.select(keep)
+    return results
+
+
+@dataclass
+class _Beams:
+    """The alive beams of the N sentences still decoding, K per sentence."""
+
+    active: torch.Tensor  # (N,) sentence index in the batch
+    scores: torch.Tensor  # (N, K) log-probabilities
+    seq: torch.Tensor  # (N, K, t)
+    attn: torch.Tensor  # (N, K, t, S), or (N, K, 0, S) when attention is not kept
+    prev: torch.Tensor  # (N * K,) last tokens
+    hidden: torch.Tensor  # (L, N * K, H)
+    encoded: EncoderOutput  # rows N * K
+
+    def keep(self, sentences: torch.Tensor) -> "_Beams":
+        """Drop the sentences not listed: sentences (M,) indices into N."""
+        k = self.scores.size(1)
+        rows = (sentences.unsqueeze(1) * k + torch.arange(k, device=sentences.device)).flatten()  # (M * K,)
+        return _Beams(self.active[sentences], self.scores[sentences], self.seq[sentences], self.attn[sentences],
+                      self.prev[rows], self.hidden[:, rows], self.encoded.select(rows))
+
+
+def _expand(src_ids, src_lens, model, beam_size) -> _Beams:
+    """Encode once, then repeat each sentence's encoding for its K beams; only beam 0 starts alive."""
+    batch, device = src_ids.size(0), src_ids.device
+    encoded, hidden = model.encode(src_ids, src_lens)
+    rows = torch.arange(batch, device=device).repeat_interleave(beam_size)  # (B * K,)
+    scores = torch.full((batch, beam_size), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # the K copies are identical, so the first step expands beam 0 alone
+    return _Beams(
+        active=torch.arange(batch, device=device), scores=scores,
+        seq=torch.empty(batch, beam_size, 0, dtype=torch.long, device=device),
+        attn=torch.empty(batch, beam_size, 0, src_ids.size(1), device=device),
+        prev=torch.full((batch * beam_size,), BOS_ID, dtype=torch.long, device=device),
+        hidden=hidden[:, rows], encoded=encoded.select(rows))
+
+
+def _gather_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """tensor (N, K, ...) and rows (N, C) indexing into K -> (N, C, ...)."""
+    index = rows.view(*rows.shape, *([1] * (tensor.dim() - 2))).expand(*rows.shape, *tensor.shape[2:])
+    return tensor.gather(1, index)
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, beam_size: int = 5,
+                alpha: float = 1.0, max_len_ratio: float = 1.5, n_best: int = 1,
+                keep_attention: bool = True) -> list[list[Hypothesis]]:
+    """src_ids (B, S), src_lens (B,) -> for each sentence its n_best hypotheses, best first.
+
+    Each step scores the K x V continuations of every sentence and takes the top 2K: an eos among
+    the first K finishes a hypothesis (normalised by the length penalty), the best K others go on.
+    A sentence is done once it holds K finished hypotheses.
+    """
+    K = beam_size
+    beams = _expand(src_ids, src_lens, model, K)
+    limits = max_lengths(src_lens, max_len_ratio).to(src_ids.device)  # (B,)
+    finished: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
+    num_finished = torch.zeros(src_ids.size(0), dtype=torch.long, device=src_ids.device)  # (B,)
+    for t in range(int(limits.max())):
+        beams, ended = _beam_step(model, beams, limits, t, K, keep_attention)
+        for n, j, tokens, log_prob, attention in ended:
+            sentence = int(beams.active[n])
+            finished[sentence].append(_hypothesis(tokens, log_prob, attention, int(src_lens[sentence]), alpha))
+            num_finished[sentence] += 1
+        done = num_finished[beams.active] >= K  # (N,)
+        if done.all():
+            break
+        if done.any():
+            beams = beams.keep((~done).nonzero().flatten())
+    return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
+
+
+def _beam_step(model: Seq2Seq, beams: _Beams, limits: torch.Tensor, t: int, K: int, keep_attention: bool):
+    """Advance all beams one token; returns the new beams and the hypotheses that ended in eos."""
+    N = beams.active.numel()
+    log_probs, hidden, weights = model.step(beams.prev, beams.hidden, beams.encoded)  # (N*K, V), ..., (N*K, S)
+    at_limit = (limits[beams.active] == t + 1).repeat_interleave(K)  # (N * K,)
+    log_probs = _force_eos(log_probs, at_limit)
+    V = log_probs.size(-1)
+    candidates = (beams.scores.unsqueeze(-1) + log_probs.view(N, K, V)).view(N, K * V)
+    top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
+    origin, token = top_ids // V, top_ids % V  # (N, 2K) beam of origin, new token
+    seq = torch.cat([_gather_rows(beams.seq, origin), token.unsqueeze(-1)], dim=2)  # (N, 2K, t + 1)
+    attn = beams.attn
+    if keep_attention:
+        step_weights = _gather_rows(weights.view(N, K, 1, -1).float(), origin)  # (N, 2K, 1, S)
+        attn = torch.cat([_gather_rows(beams.attn, origin), step_weights], dim=2)  # (N, 2K, t + 1, S)
+    is_eos = (token == EOS_ID) & torch.isfinite(top_scores)  # (N, 2K)
+    ended_mask = is_eos.clone()
+    ended_mask[:, K:] = False  # only an eos that ranks within the top K finishes a hypothesis
+    ended = [(n, j, seq[n, j], float(top_scores[n, j]), attn[n, j] if keep_attention else None)
+             for n, j in ended_mask.nonzero().tolist()]
+    scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(K, dim=-1)  # (N, K) from the 2K
+    rows = (_gather_rows(origin.unsqueeze(-1), pick).squeeze(-1)
+            + torch.arange(N, device=origin.device).unsqueeze(1) * K).flatten()  # (N * K,) parent rows
+    new = _Beams(beams.active, scores, _gather_rows(seq, pick),
+                 _gather_rows(attn, pick) if keep_attention else beams.attn,
+                 _gather_rows(token.unsqueeze(-1), pick).flatten(), hidden[:, rows], beams.encoded)
+    return new, ended
+
+
+def decode(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, beam_size: int = 1, alpha: float = 1.0,
+           max_len_ratio: float = 1.5, n_best: int = 1, keep_attention: bool = True) -> list[list[Hypothesis]]:
+    """Greedy when beam_size is 1 (and one hypothesis is asked for), beam search otherwise."""
+    if beam_size == 1 and n_best == 1:
+        return [[h] for h in greedy(model, src_ids, src_lens, max_len_ratio, alpha, keep_attention)]
+    return beam_search(model, src_ids, src_lens, beam_size, alpha, max_len_ratio, n_best, keep_attention)

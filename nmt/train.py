@@ -1,0 +1,292 @@
+"""train(cfg): read the data, build the model, and run the loop: clip, schedule, validate, checkpoint, stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.config import DecodeConfig, TrainConfig
+from nmt.console import setup_logging
+from nmt.data.batching import Batch, collate, epoch_batches, padding_share
+from nmt.data.pipeline import TrainingData, prepare_training_data
+from nmt.data.vocab import PAD_ID, SPECIAL_IDS
+from nmt.decoding import translate_sentences
+from nmt.errors import NMTError
+from nmt.model.seq2seq import Seq2Seq, build_model
+from nmt.model.vectors import load_pretrained_
+from nmt.plots import plot_training_curves
+from nmt.run import RunFiles, check_resumable, write_config
+from nmt.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resumed run must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    elapsed: float = 0.0  # training seconds, summed over resumes (for trainer.max_time)
+    best_metric: float | None = None
+    bad_validations: int = 0  # validations since the best one (early stopping)
+    stop_reason: str = ""
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("outputs") / cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+# --- model and optimiser -----------------------------------------------------------------------------
+
+def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> None:
+    """Load pretrained vectors (logging coverage) and freeze the chosen sides."""
+    emb = cfg.model.embeddings
+    for side, path in (("src", emb.src_vectors), ("tgt", emb.tgt_vectors)):
+        if path is None:
+            continue
+        module = model.src_embed if side == "src" else model.tgt_embed
+        pieces = [data.vocab.side(side).id_to_piece(i) for i in range(data.vocab.size(side))]
+        coverage = load_pretrained_(module.weight, pieces, Path(path), SPECIAL_IDS, data.token_counts(side))
+        log.info("coverage: %s", coverage.line(side, Path(path)))
+    if emb.freeze in ("src", "both"):
+        model.src_embed.weight.requires_grad_(False)
+    if emb.freeze in ("tgt", "both"):
+        model.tgt_embed.weight.requires_grad_(False)
+
+
+def build_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Frozen parameters are left out, so they have no optimizer state and no weight decay.
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    optim = cfg.optim
+    if optim.scheduler == "plateau":
+        mode = "max" if cfg.trainer.early_stopping_metric == "bleu" else "min"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=optim.factor,
+                                                          patience=optim.patience, min_lr=optim.min_lr)
+    if optim.scheduler == "inverse_sqrt":
+        warmup = optim.warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
+    return None
+
+
+# --- one step and validation -----------------------------------------------------------------------
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over real target positions: logits (B, T, V), targets (B, T) -> scalar."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID,
+                           label_smoothing=label_smoothing, reduction="sum")
+
+
+def train_step(model: Seq2Seq, batch: Batch, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[float, int]:
+    """Forward, backward, clip and update on one batch; returns (mean loss per token, target tokens)."""
+    num_tokens = batch.num_tgt_tokens
+    logits = model(batch.src_ids, batch.src_lens, batch.tgt_in)  # (B, T, V)
+    loss = sequence_loss(logits, batch.tgt_out, cfg.optim.label_smoothing) / num_tokens
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+    optimizer.step()
+    return loss.item(), num_tokens
+
+
+@torch.no_grad()
+def validate(model: Seq2Seq, data: TrainingData, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Dev loss and perplexity under teacher forcing, and dev BLEU of the decoded dev set."""
+    model.eval()
+    corpus, total_loss, total_tokens = data.val_encoded, 0.0, 0
+    usable = [i for i in range(len(corpus)) if len(corpus.src(i)) and len(corpus.tgt(i))]
+    for start in tqdm(range(0, len(usable), 64), desc="validate", unit="batch", leave=False):
+        batch = collate(corpus, usable[start:start + 64]).to(device)
+        total_loss += float(sequence_loss(model(batch.src_ids, batch.src_lens, batch.tgt_in), batch.tgt_out))
+        total_tokens += batch.num_tgt_tokens
+    decode_cfg = DecodeConfig(beam_size=cfg.trainer.val_beam_size, alpha=0.0 if cfg.trainer.val_beam_size == 1 else 1.0,
+                              max_len_ratio=cfg.trainer.val_max_len_ratio, batch_size=64)
+    translations = translate_sentences(model, data.vocab, data.val.src, decode_cfg, device, progress=True)
+    hypotheses = [t.text for t in translations]
+    bleu = sacrebleu.corpus_bleu(hypotheses, [data.val.tgt]).score
+    model.train()
+    loss = total_loss / max(1, total_tokens)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bleu": bleu, "example": hypotheses[0]}
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+def checkpoint_state(model, optimizer, scheduler, state: TrainState, cfg_dict: dict) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "train_state": asdict(state),
+        "config": cfg_dict,
+    }
+
+
+def restore(checkpoint: dict, model, optimizer, scheduler) -> TrainState:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint["scheduler"]:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return TrainState(**checkpoint["train_state"])
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+class Trainer:
+    """Holds what the loop needs; `run` reads top to bottom."""
+
+    def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles):
+        self.cfg, self.cfg_dict, self.files = cfg, cfg_dict, files
+        self.device = pick_device(cfg.trainer.device)
+        seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+        self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed)
+        self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
+        setup_embeddings(self.model, cfg, self.data)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.state = TrainState()
+        params = sum(p.numel() for p in self.model.parameters())
+        log.info("model: %s parameters, device %s", f"{params:,}", self.device)
+
+    def save(self, name: str) -> None:
+        state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.cfg_dict)
+        save_checkpoint(state, self.files.checkpoint(name))
+
+    def resume(self) -> None:
+        checkpoint = load_checkpoint(self.files.checkpoint("last"), map_location=self.device)
+        self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.files.checkpoint("last"),
+                 self.state.step, self.state.epoch + 1, self.state.batch_in_epoch)
+
+    def log_metrics(self, record: dict) -> None:
+        with open(self.files.metrics, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def run(self, resuming: bool) -> TrainState:
+        cfg = self.cfg.trainer
+        if resuming:
+            self.resume()
+        else:
+            self.save("step0")  # the initial weights, to compare embeddings before and after
+        max_seconds = cfg.max_seconds
+        started = time.monotonic() - self.state.elapsed
+        while self.state.epoch < cfg.max_epochs and not self.state.stop_reason:
+            self.train_epoch(started, max_seconds)
+        log.info("training stopped: %s; best dev %s %.4g; run directory %s", self.state.stop_reason,
+                 cfg.early_stopping_metric, self.state.best_metric or float("nan"), self.files.run_dir)
+        return self.state
+
+    def train_epoch(self, started: float, max_seconds: float | None) -> None:
+        cfg, state = self.cfg.trainer, self.state
+        batches = epoch_batches(self.data.train, self.cfg.data.batch_tokens, self.cfg.data.sort_pool, cfg.seed, state.epoch)
+        if state.batch_in_epoch == 0:
+            log.info("epoch %d: %d batches, %.1f%% padding", state.epoch + 1, len(batches),
+                     100 * padding_share(self.data.train, batches))
+        bar = tqdm(total=len(batches), initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}", unit="batch",
+                   dynamic_ncols=True)
+        window_tokens, window_start, loss_sum, loss_count = 0, time.monotonic(), 0.0, 0
+        self.model.train()
+        end_of_epoch = False
+        while not end_of_epoch and not state.stop_reason:
+            batch = collate(self.data.train, batches[state.batch_in_epoch]).to(self.device)
+            loss, tokens = train_step(self.model, batch, self.optimizer, self.cfg)
+            if self.cfg.optim.scheduler == "inverse_sqrt":
+                self.scheduler.step()
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.elapsed = time.monotonic() - started
+            window_tokens += tokens
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            speed = window_tokens / max(1e-9, time.monotonic() - window_start)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}", lr=f"{self.lr:.2e}", refresh=False)
+            bar.update(1)
+            if state.step % cfg.log_every == 0:
+                self.log_metrics({"kind": "train", "step": state.step, "epoch": state.epoch + 1,
+                                  "loss": loss_sum / loss_count, "lr": self.lr, "tgt_tokens_per_s": speed,
+                                  "elapsed": state.elapsed})
+                loss_sum, loss_count = 0.0, 0
+            state.stop_reason = self.limit_reached(max_seconds)
+            end_of_epoch = state.batch_in_epoch == len(batches)
+            if end_of_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            due = state.step % cfg.validate_every == 0 if cfg.validate_every else end_of_epoch
+            if due or state.stop_reason or state.epoch >= cfg.max_epochs:
+                self.validate_and_checkpoint()
+        bar.close()
+
+    def limit_reached(self, max_seconds: float | None) -> str:
+        cfg, state = self.cfg.trainer, self.state
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            return f"trainer.max_steps={cfg.max_steps} reached"
+        if max_seconds is not None and state.elapsed >= max_seconds:
+            return f"trainer.max_time={cfg.max_time} reached"
+        return ""
+
+    def validate_and_checkpoint(self) -> None:
+        cfg, state = self.cfg.trainer, self.state
+        metrics = validate(self.model, self.data, self.cfg, self.device)
+        value = metrics[cfg.early_stopping_metric]
+        sign = 1.0 if cfg.early_stopping_metric == "bleu" else -1.0
+        improved = state.best_metric is None or sign * (value - state.best_metric) > cfg.min_delta
+        if improved:
+            state.best_metric, state.bad_validations = value, 0
+        else:
+            state.bad_validations += 1
+            if cfg.patience and state.bad_validations >= cfg.patience and not state.stop_reason:
+                state.stop_reason = f"no dev {cfg.early_stopping_metric} improvement in {cfg.patience} validations"
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        if state.epoch >= cfg.max_epochs and not state.stop_reason:
+            state.stop_reason = f"trainer.max_epochs={cfg.max_epochs} reached"
+        log.info("step %d, epoch %d: dev loss %.3f, ppl %.2f, BLEU %.2f, lr %.2e%s | %s", state.step, state.epoch,
+                 metrics["loss"], metrics["ppl"], metrics["bleu"], self.lr, " (best)" if improved else "",
+                 metrics["example"][:80])
+        self.log_metrics({"kind": "val", "step": state.step, "epoch": state.epoch, "lr": self.lr,
+                          "elapsed": state.elapsed, **{k: v for k, v in metrics.items() if k != "example"}})
+        if improved:
+            self.save("best")
+        self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
+        plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
+
+
+def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
+    """Train as configured; returns the run directory."""
+    run_dir = Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg)
+    files = RunFiles(run_dir)
+    resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
+    setup_logging(files.log)
+    cfg_dict["paths"]["run_dir"] = str(run_dir)
+    write_config(files, cfg_dict)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    trainer = Trainer(cfg, cfg_dict, files)
+    trainer.run(resuming)
+    return run_dir
