@@ -284,9 +284,9 @@ def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
     resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
     setup_logging(files.log)
     cfg_dict["paths"]["run_dir"] = str(run_dir)
-    write_config(files, cfg_dict)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     trainer = Trainer(cfg, cfg_dict, files)
+    write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
     trainer.run(resuming)
     return run_dir
