@@ -169,6 +169,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = TrainState()
+        self.epoch_size = 0  # batches in the current epoch
         params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s parameters, device %s", f"{params:,}", self.device)
 
@@ -200,13 +201,15 @@ class Trainer:
         started = time.monotonic() - self.state.elapsed
         while self.state.epoch < cfg.max_epochs and not self.state.stop_reason:
             self.train_epoch(started, max_seconds)
-        log.info("training stopped: %s; best dev %s %.4g; run directory %s", self.state.stop_reason,
-                 cfg.early_stopping_metric, self.state.best_metric or float("nan"), self.files.run_dir)
+        best = "none" if self.state.best_metric is None else f"{self.state.best_metric:.4g}"
+        log.info("training stopped: %s; best dev %s %s; run directory %s", self.state.stop_reason,
+                 cfg.early_stopping_metric, best, self.files.run_dir)
         return self.state
 
     def train_epoch(self, started: float, max_seconds: float | None) -> None:
         cfg, state = self.cfg.trainer, self.state
         batches = epoch_batches(self.data.train, self.cfg.data.batch_tokens, self.cfg.data.sort_pool, cfg.seed, state.epoch)
+        self.epoch_size = len(batches)
         if state.batch_in_epoch == 0:
             log.info("epoch %d: %d batches, %.1f%% padding", state.epoch + 1, len(batches),
                      100 * padding_share(self.data.train, batches))
@@ -266,10 +269,11 @@ class Trainer:
             self.scheduler.step(value)
         if state.epoch >= cfg.max_epochs and not state.stop_reason:
             state.stop_reason = f"trainer.max_epochs={cfg.max_epochs} reached"
-        log.info("step %d, epoch %d: dev loss %.3f, ppl %.2f, BLEU %.2f, lr %.2e%s | %s", state.step, state.epoch,
+        epoch = state.epoch if state.batch_in_epoch == 0 else state.epoch + state.batch_in_epoch / self.epoch_size
+        log.info("step %d, epoch %.2f: dev loss %.3f, ppl %.2f, BLEU %.2f, lr %.2e%s | %s", state.step, epoch,
                  metrics["loss"], metrics["ppl"], metrics["bleu"], self.lr, " (best)" if improved else "",
                  metrics["example"][:80])
-        self.log_metrics({"kind": "val", "step": state.step, "epoch": state.epoch, "lr": self.lr,
+        self.log_metrics({"kind": "val", "step": state.step, "epoch": round(epoch, 4), "lr": self.lr,
                           "elapsed": state.elapsed, **{k: v for k, v in metrics.items() if k != "example"}})
         if improved:
             self.save("best")
