@@ -34,11 +34,11 @@ Settings are Hydra overrides, e.g.
 """
 
 
-def fail(message: str) -> None:
+def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
     """Print a user-facing error as one paragraph and exit."""
     text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
     print(f"nmt: error: {text}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(exit_code)
 
 
 def _describe_config_error(error: Exception) -> str:
@@ -113,7 +113,7 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     try:
         task(cfg, cfg_dict)
     except NMTError as error:
-        fail(str(error))
+        fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         print("nmt: interrupted", file=sys.stderr)
         sys.exit(130)

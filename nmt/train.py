@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -23,7 +26,7 @@ from nmt.data.batching import Batch, collate, epoch_batches, padding_share
 from nmt.data.pipeline import TrainingData, prepare_training_data
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
-from nmt.errors import NMTError
+from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import load_pretrained_
 from nmt.plots import plot_training_curves
@@ -170,6 +173,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = TrainState()
         self.epoch_size = 0  # batches in the current epoch
+        self.interrupted = 0  # the signal that asked us to stop, if any
         params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s parameters, device %s", f"{params:,}", self.device)
 
@@ -180,6 +184,7 @@ class Trainer:
     def resume(self) -> None:
         checkpoint = load_checkpoint(self.files.checkpoint("last"), map_location=self.device)
         self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler)
+        self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.files.checkpoint("last"),
                  self.state.step, self.state.epoch + 1, self.state.batch_in_epoch)
 
@@ -191,8 +196,17 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def on_signal(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop at once; the last checkpoint on disk still stands
+            raise KeyboardInterrupt
+        self.interrupted = signum
+        log.warning("%s: stopping after this step and saving checkpoints/last.pt "
+                    "(press Ctrl-C again to quit at once)", signal.Signals(signum).name)
+
     def run(self, resuming: bool) -> TrainState:
         cfg = self.cfg.trainer
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.on_signal)
         if resuming:
             self.resume()
         else:
@@ -201,6 +215,13 @@ class Trainer:
         started = time.monotonic() - self.state.elapsed
         while self.state.epoch < cfg.max_epochs and not self.state.stop_reason:
             self.train_epoch(started, max_seconds)
+        self.state.stop_reason = self.state.stop_reason or f"trainer.max_epochs={cfg.max_epochs} reached"
+        if self.interrupted:
+            self.save("last")
+            raise Interrupted(
+                f"Training stopped by {signal.Signals(self.interrupted).name} at step {self.state.step}; "
+                f"{self.files.checkpoint('last')} is saved. Resume with: {resume_command(self.files.run_dir)}"
+            )
         best = "none" if self.state.best_metric is None else f"{self.state.best_metric:.4g}"
         log.info("training stopped: %s; best dev %s %s; run directory %s", self.state.stop_reason,
                  cfg.early_stopping_metric, best, self.files.run_dir)
@@ -240,6 +261,9 @@ class Trainer:
             end_of_epoch = state.batch_in_epoch == len(batches)
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if self.interrupted:
+                state.stop_reason = "interrupted"
+                break  # run() saves last.pt; validating now would keep the user waiting
             due = state.step % cfg.validate_every == 0 if cfg.validate_every else end_of_epoch
             if due or state.stop_reason or state.epoch >= cfg.max_epochs:
                 self.validate_and_checkpoint()
@@ -279,6 +303,12 @@ class Trainer:
             self.save("best")
         self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
         plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run: the same overrides, the run directory, resume=true."""
+    keep = [a for a in sys.argv[1:] if not a.startswith(("paths.run_dir=", "trainer.resume="))]
+    return shlex.join(["nmt-train", *keep, f"paths.run_dir={run_dir}", "trainer.resume=true"])
 
 
 def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
