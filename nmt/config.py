@@ -240,6 +240,7 @@ class TrainerConfig:
     resume: bool = False
     deterministic: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    max_nonfinite_steps: int = 5  # stop after this many NaN/Inf updates in a row (each is skipped)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
@@ -255,6 +256,7 @@ class TrainerConfig:
         check_positive("trainer.val_beam_size", self.val_beam_size)
         check_positive("trainer.val_max_len_ratio", self.val_max_len_ratio)
         check_non_negative("trainer.num_threads", self.num_threads)
+        check_positive("trainer.max_nonfinite_steps", self.max_nonfinite_steps)
 
     @property
     def max_seconds(self) -> Optional[float]:

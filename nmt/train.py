@@ -46,6 +46,8 @@ class TrainState:
     elapsed: float = 0.0  # training seconds, summed over resumes (for trainer.max_time)
     best_metric: float | None = None
     bad_validations: int = 0  # validations since the best one (early stopping)
+    skipped_steps: int = 0  # updates skipped for a NaN or infinite loss or gradient
+    skipped_in_row: int = 0
     stop_reason: str = ""
 
 
@@ -98,17 +100,25 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
                            label_smoothing=label_smoothing, reduction="sum")
 
 
-def train_step(model: Seq2Seq, batch: Batch, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[float, int]:
-    """Forward, backward, clip and update on one batch; returns (mean loss per token, target tokens)."""
+def train_step(model: Seq2Seq, batch: Batch, optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig) -> tuple[float, int, bool]:
+    """Forward, backward, clip and update on one batch -> (mean loss per token, target tokens, updated).
+
+    A NaN or infinite loss or gradient skips the update (updated = False) rather than poisoning the weights.
+    """
     num_tokens = batch.num_tgt_tokens
     logits = model(batch.src_ids, batch.src_lens, batch.tgt_in)  # (B, T, V)
     loss = sequence_loss(logits, batch.tgt_out, cfg.optim.label_smoothing) / num_tokens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.optim.clip_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+    max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    value = loss.item()
+    if not (math.isfinite(value) and math.isfinite(float(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)
+        return value, num_tokens, False
     optimizer.step()
-    return loss.item(), num_tokens
+    return value, num_tokens, True
 
 
 @torch.no_grad()
@@ -241,7 +251,8 @@ class Trainer:
         end_of_epoch = False
         while not end_of_epoch and not state.stop_reason:
             batch = collate(self.data.train, batches[state.batch_in_epoch]).to(self.device)
-            loss, tokens = train_step(self.model, batch, self.optimizer, self.cfg)
+            loss, tokens, updated = train_step(self.model, batch, self.optimizer, self.cfg)
+            self.count_nonfinite(updated, loss)
             if self.cfg.optim.scheduler == "inverse_sqrt":
                 self.scheduler.step()
             state.step += 1
@@ -268,6 +279,23 @@ class Trainer:
             if due or state.stop_reason or state.epoch >= cfg.max_epochs:
                 self.validate_and_checkpoint()
         bar.close()
+
+    def count_nonfinite(self, updated: bool, loss: float) -> None:
+        state, limit = self.state, self.cfg.trainer.max_nonfinite_steps
+        if updated:
+            state.skipped_in_row = 0
+            return
+        state.skipped_steps += 1
+        state.skipped_in_row += 1
+        log.warning("step %d: loss or gradient is not finite (loss %s); update skipped (%d in a row, %d in all)",
+                    state.step + 1, loss, state.skipped_in_row, state.skipped_steps)
+        if state.skipped_in_row >= limit:
+            raise NMTError(
+                f"Training stopped: {limit} updates in a row had a NaN or infinite loss or gradient "
+                f"(trainer.max_nonfinite_steps={limit}). The checkpoints in {self.files.run_dir / 'checkpoints'} "
+                f"are untouched. Try a lower learning rate (optim.lr={self.cfg.optim.lr:g} now) or a smaller "
+                f"optim.clip_grad_norm, then resume with trainer.resume=true or start a new run."
+            )
 
     def limit_reached(self, max_seconds: float | None) -> str:
         cfg, state = self.cfg.trainer, self.state
