@@ -19,10 +19,17 @@ from nmt.errors import NMTError
 log = logging.getLogger(__name__)
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint that `path` replaced is kept: last.pt -> last.prev.pt."""
+    return Path(path).with_name(f"{Path(path).stem}.prev{Path(path).suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     """Write to a temporary file beside `path`, fsync it, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    A crash at any moment leaves either the old file or the new one, never a torn one. With
+    `keep_previous`, the file being replaced is first moved to `previous_path(path)`, so that a
+    checkpoint damaged later (say, by a disk fault) still has a good predecessor.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +39,8 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as error:
@@ -68,7 +77,20 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"run code ({str(error).splitlines()[0][:200]}). Only load checkpoints written by nmt."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise NMTError(f"The checkpoint {path} is truncated or corrupted ({str(error).splitlines()[0][:200]}).") from None
+        reason = str(error).splitlines()[0].split(". ")[0][:200]
+        raise NMTError(f"The checkpoint {path} is truncated or corrupted ({reason}).") from None
     if not isinstance(state, dict) or "model" not in state:
         raise NMTError(f"{path} is not an nmt checkpoint (no 'model' entry).")
     return state
+
+
+def load_latest(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
+    """Load `path`, or, when it is missing or damaged, the checkpoint it replaced (saying so)."""
+    try:
+        return load_checkpoint(path, map_location), Path(path)
+    except NMTError as error:
+        previous = previous_path(path)
+        if not previous.exists():
+            raise
+        log.warning("%s Falling back to the previous checkpoint, %s.", error, previous)
+        return load_checkpoint(previous, map_location), previous

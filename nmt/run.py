@@ -11,7 +11,7 @@ import yaml
 
 from omegaconf import OmegaConf
 
-from nmt.checkpoint import load_checkpoint
+from nmt.checkpoint import load_checkpoint, previous_path
 from nmt.config import TrainConfig
 from nmt.data.vocab import Vocab
 from nmt.errors import NMTError
@@ -88,7 +88,7 @@ def check_resumable(files: RunFiles, resume: bool, cfg_dict: dict) -> bool:
             f"Cannot resume {files.run_dir} with different data or model settings: {'; '.join(changed)}. "
             f"Resume with the original settings, or start a new run in another paths.run_dir."
         )
-    if not files.checkpoint("last").exists():
+    if not files.checkpoint("last").exists() and not previous_path(files.checkpoint("last")).exists():
         log.warning("%s has no checkpoint yet; starting from the beginning", files.run_dir)
         return False
     return True

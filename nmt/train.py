@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import signal
 import sys
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.checkpoint import load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
 from nmt.data.batching import Batch, collate, epoch_batches, padding_share
@@ -189,14 +190,15 @@ class Trainer:
 
     def save(self, name: str) -> None:
         state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.cfg_dict)
-        save_checkpoint(state, self.files.checkpoint(name))
+        save_checkpoint(state, self.files.checkpoint(name), keep_previous=name == "last")
 
     def resume(self) -> None:
-        checkpoint = load_checkpoint(self.files.checkpoint("last"), map_location=self.device)
+        checkpoint, path = load_latest(self.files.checkpoint("last"), map_location=self.device)
         self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler)
         self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.files.checkpoint("last"),
-                 self.state.step, self.state.epoch + 1, self.state.batch_in_epoch)
+        drop_metrics_after(self.files.metrics, self.state.step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
+                 self.state.epoch + 1, self.state.batch_in_epoch)
 
     def log_metrics(self, record: dict) -> None:
         with open(self.files.metrics, "a", encoding="utf-8") as handle:
@@ -331,6 +333,17 @@ class Trainer:
             self.save("best")
         self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
         plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics logged after the checkpoint we resume from: those steps run again."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def resume_command(run_dir: Path) -> str:
