@@ -1,0 +1,161 @@
+"""Every experiment preset composes; bad settings fail at compose time with a message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from nmt.cli import compose_config, main
+from nmt.config import (DecodeConfig, EmbeddingConfig, EvaluateConfig, ModelConfig, TrainConfig, TrainerConfig,
+                        TranslateConfig, parse_duration)
+from nmt.errors import ConfigError
+
+FILES = ["data.train.src=a.de", "data.train.tgt=a.en", "data.val.src=b.de", "data.val.tgt=b.en"]
+
+PRESETS = {
+    "debug": ("debug", "multi30k", "de", "en"),
+    "multi30k_de_en": ("multi30k_de_en", "multi30k", "de", "en"),
+    "multi30k_en_de": ("multi30k_en_de", "multi30k", "en", "de"),
+    "tatoeba_fr_en": ("tatoeba_fr_en", "tatoeba", "fr", "en"),
+    "tatoeba_fr_en_tutorial": ("tatoeba_fr_en_tutorial", "tatoeba", "fr", "en"),
+    "files": ("files", "files", "src", "tgt"),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PRESETS))
+def test_every_experiment_composes(experiment):
+    overrides = [f"experiment={experiment}"] + (FILES if experiment == "files" else [])
+    cfg, cfg_dict = compose_config("train", overrides)
+    name, dataset, src_lang, tgt_lang = PRESETS[experiment]
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.name, cfg.data.dataset, cfg.data.src_lang, cfg.data.tgt_lang) == (name, dataset, src_lang, tgt_lang)
+    assert cfg_dict["name"] == name and cfg_dict["data"]["dataset"] == dataset
+
+
+def test_presets_pin_what_they_say():
+    debug, _ = compose_config("train", ["experiment=debug"])
+    assert (debug.model.embedding_dim, debug.model.hidden_size, debug.data.train_limit) == (48, 96, 6000)
+    tutorial, _ = compose_config("train", ["experiment=tatoeba_fr_en_tutorial"])
+    assert tutorial.data.tutorial_filter and tutorial.data.heldout_fraction == 0.05
+    full, _ = compose_config("train", ["experiment=tatoeba_fr_en"])
+    assert not full.data.tutorial_filter
+    files, _ = compose_config("train", ["experiment=files", *FILES])
+    assert (files.model.embedding_dim, files.model.hidden_size) == (128, 256)  # gru_small
+    assert files.data.train.src == "a.de" and files.data.val.tgt == "b.en"
+
+
+def test_command_line_overrides_reach_the_dataclasses():
+    cfg, cfg_dict = compose_config("train", ["experiment=debug", "model.hidden_size=12", "trainer.max_time=15m",
+                                             "optim.betas=[0.8,0.9]"])
+    assert cfg.model.hidden_size == 12 and cfg_dict["model"]["hidden_size"] == 12
+    assert cfg.trainer.max_seconds == 900.0
+    assert cfg.optim.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.hidden_size=-1", "model.hidden_size"),
+    ("model.hiden_size=5", "model.hiden_size"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs"),
+    ("model.dropout=1.5", "model.dropout"),
+])
+def test_bad_override_fails_cleanly_from_the_console_script(override, key):
+    out = run_cli("nmt-train", "experiment=debug", override, timeout=120)
+    assert out.returncode != 0
+    assert key in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("nmt: error:")
+
+
+def test_unknown_experiment_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: None, ["experiment=nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "debug" in err and "multi30k_de_en" in err and "tatoeba_fr_en_tutorial" in err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dropout=1.5", "model.dropout"),
+    ("data.vocab.type=wordpiece", "data.vocab.type"),
+    ("trainer.max_time=soon", "trainer.max_time"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("model.embeddings.freeze=src", None),  # allowed: no max_norm, no tying
+    ("model.tie_embeddings=true", None),
+    ("data.src_lang=en", "data.src_lang"),  # the same language on both sides
+    ("trainer.val_beam_size=0", "trainer.val_beam_size"),
+])
+def test_overrides_are_checked_before_any_work(override, key, capsys):
+    calls = []
+    if key is None:
+        main("train", lambda cfg, cfg_dict: calls.append(cfg), ["experiment=debug", override])
+        assert len(calls) == 1
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: calls.append(cfg), ["experiment=debug", override])
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert key in err and err.startswith("nmt: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_files_experiment_requires_train_and_val_files(capsys):
+    with pytest.raises(SystemExit):
+        compose_config("train", ["experiment=files"])
+    assert "data.train.src" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["evaluate", "translate"])
+def test_evaluate_and_translate_require_run(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compose_config(name, [])
+    assert exit_info.value.code == 2
+    assert "run" in capsys.readouterr().err
+    cfg, _ = compose_config(name, ["run=some/dir"])
+    assert isinstance(cfg, EvaluateConfig if name == "evaluate" else TranslateConfig)
+    assert cfg.run == "some/dir"
+
+
+def test_evaluate_console_script_without_run_fails_cleanly():
+    out = run_cli("nmt-evaluate", timeout=120)
+    assert out.returncode == 2
+    assert "run=" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cfg_flag_prints_the_composed_config_and_does_no_work(capsys):
+    main("train", lambda cfg, cfg_dict: pytest.fail("--cfg must not train"),
+         ["experiment=debug", "model.hidden_size=7", "--cfg"])
+    out = capsys.readouterr().out
+    assert "hidden_size: 7" in out and "name: debug" in out
+
+
+def test_options_other_than_cfg_and_help_are_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: pytest.fail("must not train"), ["--epochs", "3"])
+    assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+# --- cross-field checks in __post_init__ ---------------------------------------------------------------
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        TrainConfig(model=ModelConfig(tie_embeddings=True, embeddings=EmbeddingConfig(freeze="tgt")))
+    with pytest.raises(ConfigError, match="max_norm"):
+        EmbeddingConfig(freeze="src", max_norm=1.0)
+    with pytest.raises(ConfigError, match="n_best"):
+        DecodeConfig(beam_size=2, n_best=3)
+    with pytest.raises(ConfigError, match="beam_size"):
+        DecodeConfig(beam_size=0)
+    with pytest.raises(ConfigError, match="trainer.device"):
+        TrainerConfig(device="gpu")
+    TrainConfig(model=ModelConfig(tie_embeddings=True, embeddings=EmbeddingConfig(freeze="src")))  # allowed
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("1.5h", 5400.0),
+                                           ("01:30:00", 5400.0), ("2:05", 125.0), (None, None), ("none", None)])
+def test_parse_duration(text, seconds):
+    assert parse_duration("trainer.max_time", text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5", "0", "1d"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        parse_duration("trainer.max_time", text)

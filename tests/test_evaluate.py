@@ -1,0 +1,51 @@
+"""nmt-evaluate on a trained debug run: files written, scores equal the sacrebleu command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nmt.config import EvalOptions, EvaluateConfig
+from nmt.errors import NMTError
+from nmt.evaluate import evaluate, score
+
+
+def test_score_matches_sacrebleu_api_on_known_text():
+    hyps = ["the cat sat on the mat", "a dog runs"]
+    refs = ["the cat sat on the mat", "a dog is running"]
+    result = score(hyps, refs)
+    assert 0 < result["bleu"] < 100
+    assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert "chrF2" in result["chrf_text"]
+
+
+def test_evaluate_writes_files_and_agrees_with_sacrebleu_cli(debug_run, tmp_path):
+    out = subprocess.run(["nmt-evaluate", f"run={debug_run}", "eval.split=val", "eval.beam_size=3"],
+                         capture_output=True, text=True, check=True)
+    assert "BLEU = " in out.stdout and "nrefs:1|case:mixed" in out.stdout and "chrF2" in out.stdout
+    hyp, ref = debug_run / "eval" / "val.hyp", debug_run / "eval" / "val.ref"
+    report = json.loads((debug_run / "eval" / "val.json").read_text())
+    assert len(hyp.read_text(encoding="utf-8").splitlines()) == report["sentences"] == 30
+    assert report["decoding"]["beam_size"] == 3
+    assert report["sentences_per_s"] > 0 and report["tgt_tokens_per_s"] > 0
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "bleu", "chrf", "-b"],
+                         capture_output=True, text=True, check=True)
+    bleu_cli, chrf_cli = json.loads(cli.stdout)  # with -b and two metrics: a JSON list of the two scores
+    assert bleu_cli == pytest.approx(round(report["bleu"], 1), abs=1e-9)
+    assert chrf_cli == pytest.approx(round(report["chrf"], 1), abs=1e-9)
+
+
+def test_evaluate_own_files_with_wrong_reference_count(debug_run, tmp_path):
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text("Ein Hund.\nZwei Katzen.\n", encoding="utf-8")
+    ref.write_text("A dog.\n", encoding="utf-8")
+    cfg = EvaluateConfig(run=str(debug_run), eval=EvalOptions(src=str(src), ref=str(ref), beam_size=2))
+    with pytest.raises(NMTError, match=r"src.txt has 2 lines but eval.ref .*ref.txt has 1"):
+        evaluate(cfg)
+
+
+def test_evaluate_missing_run_is_a_clean_error(tmp_path):
+    out = subprocess.run(["nmt-evaluate", f"run={tmp_path / 'nope'}"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,218 @@
+"""Model invariants on tiny dimensions (B=3, S=5, T=4, E=4, H=6, A=5, V=11)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt.config import INIT_SCHEMES, EmbeddingConfig, ModelConfig
+from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from nmt.model.attention import BahdanauAttention
+from nmt.model.decoder import Decoder, gru_update
+from nmt.model.embedding import Embeddings, init_embedding_
+from nmt.model.encoder import Encoder
+from nmt.model.seq2seq import build_model
+
+B, S, T, E, H, A, V = 3, 5, 4, 4, 6, 5, 11
+SRC_LENS = torch.tensor([5, 3, 1])
+
+
+def make_src(lens: torch.Tensor = SRC_LENS, width: int = S) -> torch.Tensor:
+    """(B, width) ids ending in eos at each sentence's length, padded with 0."""
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, V, (len(lens), width), generator=generator)
+    positions = torch.arange(width).unsqueeze(0)
+    ids[positions == (lens - 1).unsqueeze(1)] = EOS_ID
+    ids[positions >= lens.unsqueeze(1)] = PAD_ID
+    return ids
+
+
+def make_tgt_in() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(6)
+    tgt = torch.randint(4, V, (B, T), generator=generator)
+    tgt[:, 0] = BOS_ID
+    tgt[2, 2:] = PAD_ID
+    return tgt
+
+
+def tiny_model(**overrides):
+    cfg = ModelConfig(embedding_dim=E, hidden_size=H, attention_size=A, dropout=0.3, **overrides)
+    return build_model(cfg, V, V)
+
+
+# --- embeddings --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_embedding_lookup_equals_one_hot_times_weight(scale):
+    embeddings = Embeddings(V, E, PAD_ID, EmbeddingConfig(scale=scale))
+    ids = make_src()
+    expected = F.one_hot(ids, V).float() @ embeddings.weight  # (B, S, E)
+    if scale:
+        expected = expected * math.sqrt(E)
+    assert torch.allclose(embeddings(ids), expected, atol=1e-6)
+
+
+def test_pad_row_is_zero_and_gets_no_gradient():
+    embeddings = Embeddings(V, E, PAD_ID, EmbeddingConfig(init="uniform", init_scale=0.5))
+    assert torch.equal(embeddings.weight[PAD_ID], torch.zeros(E))
+    ids = make_src()
+    (embeddings(ids) ** 2).sum().backward()
+    grad = embeddings.weight.grad
+    assert torch.equal(grad[PAD_ID], torch.zeros(E))
+    # only the rows of pieces in the batch receive gradient
+    used = set(ids.flatten().tolist()) - {PAD_ID}
+    for row in range(V):
+        assert bool(grad[row].abs().sum() > 0) == (row in used)
+
+
+@pytest.mark.parametrize("scheme", INIT_SCHEMES)
+def test_every_init_scheme_runs_and_zeroes_the_pad_row(scheme):
+    weight = torch.full((200, 8), float("nan"))
+    init_embedding_(weight, scheme, 0.05, PAD_ID)
+    assert torch.isfinite(weight).all()
+    assert torch.equal(weight[PAD_ID], torch.zeros(8))
+    assert (weight[1:].abs().sum(1) > 0).all()
+    if scheme == "uniform":
+        assert weight.abs().max() <= 0.05
+    if scheme == "normal":
+        assert weight[1:].std().item() == pytest.approx(0.05, rel=0.15)
+
+
+def test_unknown_init_scheme_is_rejected():
+    with pytest.raises(ValueError):
+        init_embedding_(torch.zeros(3, 2), "orthogonal", 0.1, PAD_ID)
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+
+def test_attention_weights_sum_to_one_and_padding_gets_exactly_zero():
+    attention = BahdanauAttention(H, 2 * H, A)
+    states = torch.randn(B, S, 2 * H)
+    mask = make_src() != PAD_ID
+    context, weights = attention(torch.randn(B, H), attention.project_keys(states), states, mask)
+    assert weights.shape == (B, S) and context.shape == (B, 2 * H)
+    assert torch.allclose(weights.sum(-1), torch.ones(B), atol=1e-6)
+    assert torch.equal(weights[~mask], torch.zeros(int((~mask).sum())))
+    assert (weights[mask] > 0).all()
+    assert torch.allclose(context, torch.einsum("bs,bsd->bd", weights, states), atol=1e-6)
+
+
+def test_attention_ignores_values_at_padded_positions():
+    attention = BahdanauAttention(H, 2 * H, A)
+    states = torch.randn(B, S, 2 * H)
+    mask = make_src() != PAD_ID
+    query = torch.randn(B, H)
+    context, _ = attention(query, attention.project_keys(states), states, mask)
+    noisy = states.masked_fill(~mask.unsqueeze(-1), 1e3)
+    noisy_context, _ = attention(query, attention.project_keys(noisy), noisy, mask)
+    assert torch.allclose(context, noisy_context, atol=1e-6)
+
+
+# --- encoder -----------------------------------------------------------------------------------------------
+
+def test_encoder_states_are_zero_at_padding_and_final_matches_the_ends():
+    encoder = Encoder(E, H, num_layers=1, rnn_dropout=0.0, dropout=0.5).eval()
+    embedded = torch.randn(B, S, E)
+    states, final = encoder(embedded, SRC_LENS)
+    assert states.shape == (B, S, 2 * H) and final.shape == (B, 2 * H)
+    padded = make_src() == PAD_ID
+    assert torch.equal(states[padded], torch.zeros(int(padded.sum()), 2 * H))
+    assert (states[~padded].abs().sum(-1) > 0).all()
+    for b, length in enumerate(SRC_LENS.tolist()):
+        # forward direction ends at the last real token, backward direction at the first
+        assert torch.allclose(final[b, :H], states[b, length - 1, :H])
+        assert torch.allclose(final[b, H:], states[b, 0, H:])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_packing_makes_the_encoder_independent_of_extra_padding(layers):
+    encoder = Encoder(E, H, num_layers=layers, rnn_dropout=0.0, dropout=0.0).eval()
+    embedded = torch.randn(B, S, E)
+    wider = torch.cat([embedded, torch.randn(B, 4, E)], dim=1)  # garbage beyond every length
+    states, final = encoder(embedded, SRC_LENS)
+    wide_states, wide_final = encoder(wider, SRC_LENS)
+    assert wide_states.shape == (B, S + 4, 2 * H)
+    assert torch.allclose(states, wide_states[:, :S], atol=1e-6)
+    assert torch.equal(wide_states[:, S:], torch.zeros(B, 4, 2 * H))
+    assert torch.allclose(final, wide_final, atol=1e-6)
+    # and of the other sentences in the batch
+    alone, alone_final = encoder(embedded[1:2, :3], SRC_LENS[1:2])
+    assert torch.allclose(alone, states[1:2, :3], atol=1e-6)
+    assert torch.allclose(alone_final, final[1:2], atol=1e-6)
+
+
+# --- decoder -----------------------------------------------------------------------------------------------
+
+def test_gru_update_equals_torch_gru_cell():
+    cell = torch.nn.GRUCell(E, H)
+    x, h = torch.randn(B, E), torch.randn(B, H)
+    ours = gru_update(F.linear(x, cell.weight_ih, cell.bias_ih), F.linear(h, cell.weight_hh, cell.bias_hh), h)
+    assert torch.allclose(ours, cell(x, h), atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_decoder_step_unrolled_equals_forward(layers):
+    decoder = Decoder(E, H, 2 * H, A, num_layers=layers, dropout=0.3, rnn_dropout=0.3).eval()
+    states = torch.randn(B, S, 2 * H)
+    keys = decoder.attention.project_keys(states)
+    mask = make_src() != PAD_ID
+    hidden = decoder.init_hidden(torch.randn(B, 2 * H))
+    assert hidden.shape == (layers, B, H)
+    embedded = torch.randn(B, T, E)
+    pre_output, attention = decoder(embedded, hidden, states, keys, mask)
+    assert pre_output.shape == (B, T, E) and attention.shape == (B, T, S)
+    for t in range(T):
+        step_out, hidden, weights = decoder.step(embedded[:, t], hidden, states, keys, mask)
+        assert torch.allclose(step_out, pre_output[:, t], atol=1e-6, rtol=1e-5)
+        assert torch.allclose(weights, attention[:, t], atol=1e-6, rtol=1e-5)
+
+
+def test_seq2seq_step_unrolled_equals_forward_log_probs():
+    model = tiny_model(decoder_layers=2, encoder_layers=2).eval()
+    src, tgt_in = make_src(), make_tgt_in()
+    logits = model(src, SRC_LENS, tgt_in)
+    assert logits.shape == (B, T, V)
+    encoded, hidden = model.encode(src, SRC_LENS)
+    assert encoded.states.shape == (B, S, 2 * H) and encoded.keys.shape == (B, S, A)
+    assert torch.equal(encoded.mask, src != PAD_ID)
+    for t in range(T):
+        log_probs, hidden, weights = model.step(tgt_in[:, t], hidden, encoded)
+        assert log_probs.shape == (B, V) and weights.shape == (B, S)
+        assert torch.allclose(log_probs, torch.log_softmax(logits[:, t], -1), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_acts_only_in_training_mode():
+    model = tiny_model()
+    src, tgt_in = make_src(), make_tgt_in()
+    model.eval()
+    assert torch.equal(model(src, SRC_LENS, tgt_in), model(src, SRC_LENS, tgt_in))
+    model.train()
+    assert not torch.equal(model(src, SRC_LENS, tgt_in), model(src, SRC_LENS, tgt_in))
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = tiny_model(tie_embeddings=True)
+    assert model.output.weight is model.tgt_embed.weight
+    assert model.output.weight.data_ptr() == model.tgt_embed.embedding.weight.data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model().parameters()) - V * E
+    # a state_dict round trip keeps the tie
+    clone = tiny_model(tie_embeddings=True)
+    clone.load_state_dict(model.state_dict())
+    assert clone.output.weight is clone.tgt_embed.weight
+    assert torch.equal(clone.output.weight, model.tgt_embed.weight)
+
+
+def test_untied_embeddings_are_separate():
+    model = tiny_model()
+    assert model.output.weight.data_ptr() != model.tgt_embed.weight.data_ptr()
+
+
+def test_loss_gradient_reaches_every_parameter():
+    model = tiny_model(decoder_layers=2, encoder_layers=2, rnn_dropout=0.1).train()
+    logits = model(make_src(), SRC_LENS, make_tgt_in())
+    logits.logsumexp(-1).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

@@ -1,0 +1,191 @@
+"""Greedy and beam search: agreement, optimality on a trained model, batching, bounds, n-best, attention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nmt.config import ModelConfig
+from nmt.data.batching import EncodedCorpus, collate
+from nmt.data.vocab import EOS_ID, PAD_ID
+from nmt.model.seq2seq import build_model
+from nmt.search import beam_search, decode, greedy, length_penalty, max_lengths
+
+V = 16
+
+
+def copy_corpus(n: int, seed: int) -> EncodedCorpus:
+    """Random sequences of ids 4..V-1 (lengths 2..6) whose target is the source reversed."""
+    generator = torch.Generator().manual_seed(seed)
+    src = []
+    for _ in range(n):
+        length = int(torch.randint(2, 7, (1,), generator=generator))
+        src.append(torch.randint(4, V, (length,), generator=generator).tolist())
+    return EncodedCorpus.from_lists(src, [row[::-1] for row in src])
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """A tiny model trained for a few hundred steps to reverse sequences: peaked, not degenerate."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embedding_dim=16, hidden_size=24, dropout=0.0), V, V)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    corpus = copy_corpus(64, seed=1)
+    model.train()
+    for step in range(150):
+        batch = collate(corpus, list(range((step % 4) * 16, (step % 4) * 16 + 16)))
+        logits = model(batch.src_ids, batch.src_lens, batch.tgt_in)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(1)
+    return build_model(ModelConfig(embedding_dim=8, hidden_size=6, attention_size=5, dropout=0.2), V, V).eval()
+
+
+@pytest.fixture(scope="module")
+def sources():
+    """Eight unseen sentences of varied length, as one padded batch."""
+    batch = collate(copy_corpus(8, seed=99), list(range(8)), with_target=False)
+    return batch.src_ids, batch.src_lens
+
+
+def teacher_forced_log_prob(model, src_ids, src_lens, tokens):
+    """The model's log-probability of tokens + eos for one sentence, by a plain forward pass."""
+    target = torch.tensor([tokens + [EOS_ID]])
+    tgt_in = torch.cat([torch.tensor([[2]]), target[:, :-1]], dim=1)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(src_ids, src_lens, tgt_in), -1)  # (1, T, V)
+    return float(log_probs.gather(-1, target.unsqueeze(-1)).sum())
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_greedy_equals_beam_one(which, alpha, trained_model, random_model, sources):
+    model = trained_model if which == "trained" else random_model
+    src_ids, src_lens = sources
+    greedy_hyps = greedy(model, src_ids, src_lens, max_len_ratio=1.5, alpha=alpha)
+    beam_hyps = beam_search(model, src_ids, src_lens, beam_size=1, alpha=alpha, max_len_ratio=1.5)
+    for g, (b,) in zip(greedy_hyps, beam_hyps):
+        assert g.tokens == b.tokens
+        assert g.score == b.score and g.log_prob == b.log_prob
+        assert torch.equal(g.attention, b.attention)
+
+
+def test_trained_model_learned_the_task(trained_model, sources):
+    src_ids, src_lens = sources
+    hyps = greedy(trained_model, src_ids, src_lens)
+    correct = sum(h.tokens == src_ids[i, :src_lens[i] - 1].flip(0).tolist() for i, h in enumerate(hyps))
+    assert correct >= 5  # not degenerate: most unseen sentences come out reversed
+
+
+def test_beam_finds_at_least_the_greedy_log_prob(trained_model, sources):
+    src_ids, src_lens = sources
+    greedy_hyps = greedy(trained_model, src_ids, src_lens, alpha=0.0)
+    beam_hyps = beam_search(trained_model, src_ids, src_lens, beam_size=5, alpha=0.0)
+    for g, (b,) in zip(greedy_hyps, beam_hyps):
+        assert b.log_prob >= g.log_prob - 1e-5
+        assert b.score == b.log_prob  # alpha = 0: no length penalty
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_scores_are_the_models_log_probabilities(which, trained_model, random_model, sources):
+    model = trained_model if which == "trained" else random_model
+    src_ids, src_lens = sources
+    for i, nbest in enumerate(beam_search(model, src_ids, src_lens, beam_size=3, alpha=1.0, n_best=3)):
+        one_src, one_len = src_ids[i:i + 1, :src_lens[i]], src_lens[i:i + 1]
+        for hyp in nbest:
+            assert hyp.log_prob == pytest.approx(teacher_forced_log_prob(model, one_src, one_len, hyp.tokens), abs=1e-4)
+            assert hyp.score == pytest.approx(hyp.log_prob / length_penalty(len(hyp.tokens) + 1, 1.0))
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_batched_search_equals_decoding_each_sentence_alone(which, beam_size, trained_model, random_model, sources):
+    model = trained_model if which == "trained" else random_model
+    src_ids, src_lens = sources
+    batched = beam_search(model, src_ids, src_lens, beam_size=beam_size, alpha=1.0, n_best=beam_size)
+    for i in range(src_ids.size(0)):
+        alone = beam_search(model, src_ids[i:i + 1, :src_lens[i]], src_lens[i:i + 1], beam_size=beam_size,
+                            alpha=1.0, n_best=beam_size)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in batched[i]], abs=1e-5)
+        assert torch.allclose(alone[0].attention, batched[i][0].attention, atol=1e-5)
+    greedy_batched = greedy(model, src_ids, src_lens)
+    for i in range(src_ids.size(0)):
+        alone = greedy(model, src_ids[i:i + 1, :src_lens[i]], src_lens[i:i + 1])[0]
+        assert alone.tokens == greedy_batched[i].tokens
+        assert alone.score == pytest.approx(greedy_batched[i].score, abs=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+@pytest.mark.parametrize("ratio", [0.5, 1.5])
+def test_outputs_stop_at_the_length_bound(beam_size, ratio, random_model, sources):
+    src_ids, src_lens = sources
+    model = copy.deepcopy(random_model)
+    with torch.no_grad():
+        model.output.bias[EOS_ID] = -1e4  # eos is never chosen freely: every output runs to the bound
+    limits = max_lengths(src_lens, ratio)
+    assert limits.tolist() == [int(n * ratio) + 5 for n in src_lens.tolist()]
+    hyps = decode(model, src_ids, src_lens, beam_size=beam_size, max_len_ratio=ratio, n_best=beam_size)
+    for limit, nbest in zip(limits.tolist(), hyps):
+        assert len(nbest) == beam_size
+        for hyp in nbest:
+            assert len(hyp.tokens) + 1 == limit  # tokens plus the forced eos
+            assert EOS_ID not in hyp.tokens
+
+
+def test_outputs_never_exceed_the_bound(trained_model, random_model, sources):
+    src_ids, src_lens = sources
+    for model in (trained_model, random_model):
+        limits = max_lengths(src_lens, 1.0).tolist()
+        for limit, nbest in zip(limits, beam_search(model, src_ids, src_lens, beam_size=5, n_best=5,
+                                                    max_len_ratio=1.0)):
+            assert all(len(h.tokens) + 1 <= limit for h in nbest)
+
+
+def test_n_best_is_sorted_and_distinct(trained_model, sources):
+    src_ids, src_lens = sources
+    for nbest in beam_search(trained_model, src_ids, src_lens, beam_size=5, alpha=0.6, n_best=4):
+        assert len(nbest) == 4
+        scores = [h.score for h in nbest]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in nbest}) == 4
+    one = beam_search(trained_model, src_ids, src_lens, beam_size=5, alpha=0.6, n_best=1)
+    four = beam_search(trained_model, src_ids, src_lens, beam_size=5, alpha=0.6, n_best=4)
+    assert [n[0].tokens for n in one] == [n[0].tokens for n in four]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_attention_rows_sum_to_one_over_the_real_source(beam_size, trained_model, sources):
+    src_ids, src_lens = sources
+    hyps = decode(trained_model, src_ids, src_lens, beam_size=beam_size, n_best=beam_size)
+    for src_len, nbest in zip(src_lens.tolist(), hyps):
+        for hyp in nbest:
+            assert hyp.attention.shape == (len(hyp.tokens) + 1, src_len)
+            assert torch.allclose(hyp.attention.sum(-1), torch.ones(len(hyp.tokens) + 1), atol=1e-5)
+            assert (hyp.attention >= 0).all()
+
+
+def test_without_attention(trained_model, sources):
+    src_ids, src_lens = sources
+    plain = decode(trained_model, src_ids, src_lens, beam_size=3, keep_attention=False)
+    with_attention = decode(trained_model, src_ids, src_lens, beam_size=3)
+    assert all(n[0].attention is None for n in plain)
+    assert [n[0].tokens for n in plain] == [n[0].tokens for n in with_attention]
+
+
+def test_search_leaves_the_model_state_alone(trained_model, sources):
+    src_ids, src_lens = sources
+    before = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    beam_search(trained_model, src_ids, src_lens, beam_size=3)
+    assert all(torch.equal(before[k], v) for k, v in trained_model.state_dict().items())
+    first = decode(trained_model, src_ids, src_lens, beam_size=3)
+    assert [n[0].tokens for n in decode(trained_model, src_ids, src_lens, beam_size=3)] == [n[0].tokens for n in first]

@@ -1,0 +1,292 @@
+"""End to end on real data through the nmt-train console script: artifacts, resume, freezing, vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+import yaml
+
+from conftest import FAST_DEBUG, run_cli
+from nmt.checkpoint import load_checkpoint
+from nmt.run import load_trained
+
+EMBEDDING_DIM = 48  # model.embedding_dim in experiment=debug
+SRC_EMBED, TGT_EMBED = "src_embed.embedding.weight", "tgt_embed.embedding.weight"
+
+
+def train(data_dir: Path, run_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={data_dir}", f"paths.run_dir={run_dir}", *extra)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / f"{name}.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+# --- one run and what it leaves behind ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_data_dir, tmp_path_factory) -> Path:
+    """nmt-train experiment=debug on the real Multi30k directory, two epochs without a break."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(shared_data_dir, run_dir, "trainer.max_epochs=2")
+    return run_dir
+
+
+def val_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "epoch", "loss", "bleu", "lr")} for r in records if r["kind"] == "val"]
+
+
+def test_run_directory_holds_everything(uninterrupted):
+    run_dir = uninterrupted
+    for name in ("config.yaml", "spm.joint.model", "metrics.jsonl", "train.log", "training_curves.png",
+                 "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/step0.pt"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob("*.tmp*")), "temporary files left behind"
+    assert (run_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert config["name"] == "debug" and config["paths"]["run_dir"] == str(run_dir)
+    assert config["data"]["train_limit"] == 500 and config["model"]["hidden_size"] == 96
+    val = val_records(run_dir)
+    assert [r["step"] for r in val] == [10, 20]  # 500 pairs make 10 batches of 2000 tokens; one validation an epoch
+    assert all(r["loss"] > 0 for r in val) and val[1]["loss"] < val[0]["loss"]
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["train_state"]["step"] == 20 and last["train_state"]["epoch"] == 2
+    assert last["config"]["model"] == config["model"]
+    # training moved the weights away from step0
+    step0 = weights(run_dir, "step0")
+    assert all(not torch.equal(step0[k], v) for k, v in last["model"].items() if k.startswith(("encoder", "output")))
+
+
+@pytest.mark.slow  # the resume tests imply it; run it to tell nondeterminism from a resume bug
+def test_the_same_settings_give_the_same_run(uninterrupted, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.max_epochs=2")
+    assert_same_weights(weights(run_dir, "last"), weights(uninterrupted, "last"))
+    assert val_records(run_dir) == val_records(uninterrupted)
+
+
+def test_a_files_run_can_be_loaded(debug_run):
+    config = yaml.safe_load((debug_run / "config.yaml").read_text(encoding="utf-8"))
+    assert config["data"]["dataset"] == "files"
+    run = load_trained(debug_run, "best", torch.device("cpu"))
+    assert not run.model.training
+    assert_same_weights(run.model.state_dict(), weights(debug_run, "best"))
+    assert run.vocab.joint and run.vocab.size("src") == run.model.src_embed.weight.size(0)
+
+
+def test_existing_run_directory_is_refused_without_resume(uninterrupted, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    out = train(shared_data_dir, run_dir, "trainer.max_epochs=2", check=False)
+    assert out.returncode == 2
+    assert "already holds a run" in out.stderr and "trainer.resume=true" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing overwritten
+
+
+def test_resume_with_different_model_settings_is_refused(uninterrupted, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    out = train(shared_data_dir, run_dir, "trainer.max_epochs=2", "trainer.resume=true", "model.hidden_size=50",
+                check=False)
+    assert out.returncode == 2
+    assert "Cannot resume" in out.stderr and "model.hidden_size" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --- resume equals an uninterrupted run -----------------------------------------------------------------------
+
+def test_resume_with_more_epochs_equals_an_uninterrupted_run(uninterrupted, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.max_epochs=1")
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["epoch"] == 1
+    out = train(shared_data_dir, run_dir, "trainer.max_epochs=2", "trainer.resume=true")
+    assert "resumed from" in out.stderr
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    reference = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
+    assert resumed["train_state"]["step"] == reference["train_state"]["step"]
+    assert_same_weights(resumed["model"], reference["model"])
+    assert_same_weights(weights(run_dir, "best"), weights(uninterrupted, "best"))
+    assert val_records(run_dir) == val_records(uninterrupted)
+
+
+def _read_until(stream, marker: str, timeout: float) -> str:
+    seen, deadline = "", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {seen[-2000:]!r}")
+        chunk = os.read(stream.fileno(), 4096).decode(errors="replace")
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+def test_resume_after_sigint_equals_an_uninterrupted_run(uninterrupted, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
+            "trainer.max_epochs=2"]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        _read_until(child.stderr, "epoch 1: ", timeout=120)  # the first epoch has started
+        time.sleep(0.3)
+        child.send_signal(signal.SIGINT)
+        _, rest = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    stderr = rest.decode(errors="replace")
+    assert child.returncode == 130, stderr[-3000:]
+    assert "Resume with" in stderr and "Traceback" not in stderr
+    stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]
+    assert 0 < stopped["step"] < 20
+    train(shared_data_dir, run_dir, "trainer.max_epochs=2", "trainer.resume=true")
+    assert_same_weights(weights(run_dir, "last"), weights(uninterrupted, "last"))
+    assert val_records(run_dir) == val_records(uninterrupted)  # no replayed or missing records
+
+
+# --- frozen and pretrained embeddings ---------------------------------------------------------------------------
+
+def test_frozen_embeddings_are_bit_identical_after_training(shared_data_dir, tmp_path):
+    train(shared_data_dir, tmp_path / "run", "model.embeddings.freeze=both")
+    step0, last = weights(tmp_path / "run", "step0"), weights(tmp_path / "run", "last")
+    assert torch.equal(step0[SRC_EMBED], last[SRC_EMBED])
+    assert torch.equal(step0[TGT_EMBED], last[TGT_EMBED])
+    # everything else did train
+    assert not torch.equal(step0["output.weight"], last["output.weight"])
+    assert not torch.equal(step0["encoder.rnn.weight_ih_l0"], last["encoder.rnn.weight_ih_l0"])
+
+
+WORDS = ["Mann", "Frau", "Hund", "Kind", "zwei", "Ein", "Eine", "einem", "mit", "und", "auf", "der", "die",
+         "Straße", "Wasser", "spielen", "steht", "ist", "rot", "Mädchen"]
+
+
+def write_vectors(path: Path, dim: int, words=WORDS, header: bool = True) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(42)
+    vectors = {word: torch.randn(dim, generator=generator).round(decimals=4) for word in words}
+    lines = [f"{len(vectors)} {dim}"] if header else []
+    lines += [f"{w} " + " ".join(f"{x:.4f}" for x in v.tolist()) for w, v in vectors.items()]
+    lines.append("Zzyzxq " + " ".join(["0.5"] * dim))  # a word no piece spells
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return vectors
+
+
+def test_pretrained_source_vectors_are_loaded_and_frozen(shared_data_dir, tmp_path):
+    vectors_file = tmp_path / "vectors.de.txt"
+    vectors = write_vectors(vectors_file, EMBEDDING_DIM)
+    run_dir = tmp_path / "run"
+    out = train(shared_data_dir, run_dir, f"model.embeddings.src_vectors={vectors_file}",
+                "model.embeddings.freeze=src")
+    coverage = [line for line in out.stderr.splitlines() if "coverage: src vectors" in line]
+    assert len(coverage) == 1, out.stderr[-3000:]
+    processor = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.joint.model"))
+    last, step0 = weights(run_dir, "last"), weights(run_dir, "step0")
+    covered = 0
+    for index in range(4, processor.get_piece_size()):
+        piece = processor.id_to_piece(index)
+        word = piece if piece in vectors else piece.lstrip("\u2581")
+        if word in vectors:
+            covered += 1
+            assert torch.equal(last[SRC_EMBED][index], vectors[word]), piece
+    assert covered >= 10  # most of these frequent words are whole pieces
+    assert f"{covered}/{processor.get_piece_size() - 4} pieces covered" in coverage[0]
+    assert "% of training tokens" in coverage[0]
+    mann = processor.piece_to_id("\u2581Mann")  # unk (1) if it were not a piece
+    assert mann >= 4 and torch.equal(last[SRC_EMBED][mann], vectors["Mann"])
+    assert torch.equal(last[SRC_EMBED], step0[SRC_EMBED])  # frozen, vectors included
+    assert torch.equal(last[SRC_EMBED][0], torch.zeros(EMBEDDING_DIM))  # pad stays zero
+    assert not torch.equal(last[TGT_EMBED], step0[TGT_EMBED])  # the target side trained
+
+
+def test_vectors_of_the_wrong_dimension_are_a_clean_error(shared_data_dir, tmp_path):
+    vectors_file = tmp_path / "vectors.txt"
+    write_vectors(vectors_file, 7)
+    run_dir = tmp_path / "run"
+    out = train(shared_data_dir, run_dir, f"model.embeddings.src_vectors={vectors_file}", check=False)
+    assert out.returncode == 2
+    assert "dimension 7" in out.stderr and str(EMBEDDING_DIM) in out.stderr and "vectors.txt" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (run_dir / "config.yaml").exists()  # a failed start leaves no run behind
+
+
+# --- slow: hard crashes mid-epoch, other data sets --------------------------------------------------------------
+
+CRASH_AFTER_SAVING = """
+import os, sys
+import nmt.train
+from nmt.cli import train
+save = nmt.train.Trainer.save
+def save_then_crash(self, name):
+    save(self, name)
+    if name == "last" and self.state.step == {step}:
+        os._exit(137)  # like a power cut right after the checkpoint is written: no handler runs
+nmt.train.Trainer.save = save_then_crash
+sys.argv = ["nmt-train", *sys.argv[1:]]
+train()
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_a_hard_crash_mid_epoch_equals_an_uninterrupted_run(shared_data_dir, tmp_path):
+    extra = ["trainer.max_epochs=2", "trainer.validate_every=4"]  # checkpoints at steps 4, 8, 12, ... mid-epoch
+    reference = tmp_path / "reference"
+    train(shared_data_dir, reference, *extra)
+    run_dir = tmp_path / "run"
+    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
+    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=8), *args)
+    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (8, 0, 8)
+    train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
+    assert_same_weights(weights(run_dir, "last"), weights(reference, "last"))
+    assert_same_weights(weights(run_dir, "best"), weights(reference, "best"))
+    assert val_records(run_dir) == val_records(reference)
+
+
+@pytest.mark.slow
+def test_tatoeba_tutorial_trains_end_to_end(shared_data_dir, tmp_path):
+    if not (shared_data_dir / "tatoeba-eng-fra" / "eng-fra.txt").is_file():
+        pytest.skip("no Tatoeba file in the data directory")
+    run_dir = tmp_path / "run"
+    out = run_cli("nmt-train", "experiment=tatoeba_fr_en_tutorial", "model=gru_small", "model.hidden_size=32",
+                  "model.embedding_dim=16", "data.vocab.size=500", "data.train_limit=500", "data.val_limit=20",
+                  "trainer.max_epochs=1", "trainer.device=cpu", f"paths.data_dir={shared_data_dir}",
+                  f"paths.run_dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert len(val_records(run_dir)) == 1
+
+
+@pytest.mark.slow
+def test_the_full_debug_experiment_runs(shared_data_dir, tmp_path):
+    """experiment=debug exactly as documented: a few seconds to a minute on a CPU."""
+    run_dir = tmp_path / "run"
+    out = run_cli("nmt-train", "experiment=debug", "trainer.device=cpu", f"paths.data_dir={shared_data_dir}",
+                  f"paths.run_dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    val = val_records(run_dir)
+    assert len(val) == 3 and val[-1]["loss"] < val[0]["loss"]

@@ -1,0 +1,100 @@
+"""nmt-translate piped, from files, and its attention views."""
+
+import subprocess
+
+import torch
+
+from nmt.translate import attention_text
+
+
+def test_piped_gives_one_line_per_input_line(debug_run):
+    lines = ["Ein Mann fährt Fahrrad.", "", "Zwei Hunde spielen im Schnee.", " ".join(["Haus"] * 300),
+             "\x01\x02 Steuerzeichen \x7f", "Ein Kind\u2028mit Ball.", "Ünïcödé ☃ 字"]
+    data = ("\n".join(lines) + "\n").encode("utf-8") + b"bin\xff\xfe\xfd\n"
+    out = subprocess.run(["nmt-translate", f"run={debug_run}", "translate.beam_size=2"],
+                         input=data, capture_output=True, check=True)
+    outputs = out.stdout.decode("utf-8").split("\n")
+    assert outputs[-1] == ""  # the output ends with a newline
+    outputs = outputs[:-1]
+    assert len(outputs) == len(lines) + 1
+    assert outputs[1] == ""  # an empty line stays empty
+    assert all(outputs[i] for i in (0, 2, 3))
+    assert b"Traceback" not in out.stderr
+    assert b"translating its first" in out.stderr  # the 300-word line was cut, with a warning
+
+
+def test_file_mode_matches_piped_and_writes_heatmaps(debug_run, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen.\n", encoding="utf-8")
+    out, heatmaps = tmp_path / "out.txt", tmp_path / "attn"
+    subprocess.run(["nmt-translate", f"run={debug_run}", f"translate.input={src}", f"translate.output={out}",
+                    f"translate.attention_dir={heatmaps}"], check=True, capture_output=True)
+    piped = subprocess.run(["nmt-translate", f"run={debug_run}"], input=src.read_bytes(), capture_output=True,
+                           check=True).stdout.decode()
+    assert out.read_text(encoding="utf-8") == piped
+    pngs = sorted(p.name for p in heatmaps.glob("*.png"))
+    assert pngs == ["00001.png", "00003.png"]  # none for the empty line
+    assert all((heatmaps / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
+
+
+def test_attention_text_labels_rows_and_columns():
+    weights = torch.tensor([[0.9, 0.1], [0.0, 1.0]])
+    text = attention_text(["▁Hund", "</s>"], ["▁dog", "</s>"], weights).splitlines()
+    assert "▁Hund" in text[0] and "</s>" in text[0]
+    assert text[1].startswith("▁dog") and text[1].split()[1:] == ["90", "10"]
+    assert text[2].split()[1:] == [".", "100"]
+
+
+def test_missing_input_file_is_a_clean_error(debug_run, tmp_path):
+    out = subprocess.run(["nmt-translate", f"run={debug_run}", f"translate.input={tmp_path / 'nope.txt'}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "nope.txt" in out.stderr and "Traceback" not in out.stderr
+
+
+def _read_until(fd, marker: bytes, timeout: float = 60.0) -> bytes:
+    import os
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {seen[-500:]!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+def test_interactive_prompt_in_a_terminal(debug_run):
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "HOME": str(debug_run), "TERM": "xterm"}
+    child = subprocess.Popen(["nmt-translate", f"run={debug_run}"], stdin=secondary, stdout=secondary,
+                             stderr=secondary, env=env, close_fds=True)
+    os.close(secondary)
+    try:
+        assert b"Type :help" in _read_until(primary, b"> ")
+        os.write(primary, "Zwei Hunde spielen im Schnee.\n".encode())
+        reply = _read_until(primary, b"> ")
+        assert len(reply.decode().strip().splitlines()) >= 2  # the echo, then a translation
+        os.write(primary, b":attn\n")
+        assert b"attention display on" in _read_until(primary, b"> ")
+        os.write(primary, "Ein Hund.\n".encode())
+        shown = _read_until(primary, b"> ").decode()
+        assert "</s>" in shown and "▁" in shown  # the labelled matrix
+        os.write(primary, b"\n")  # empty lines are ignored
+        _read_until(primary, b"> ")
+        os.write(primary, b"\x04")  # Ctrl-D
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(primary)
