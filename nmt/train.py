@@ -359,6 +359,8 @@ def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
     resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
     setup_logging(files.log)
     cfg_dict["paths"]["run_dir"] = str(run_dir)
+    # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)
+    cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     trainer = Trainer(cfg, cfg_dict, files)
