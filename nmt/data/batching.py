@@ -7,7 +7,6 @@ of (seed, epoch): a resumed run replays the same order and skips the batches it 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,7 +163,3 @@ def padding_share(corpus: EncodedCorpus, batches: list[list[int]]) -> float:
         padded += int(widths.max()) * len(batch)
     return 1.0 - real / padded if padded else 0.0
 
-
-def num_batches_estimate(corpus: EncodedCorpus, batch_tokens: int) -> int:
-    cost = np.maximum(corpus.src_lens, corpus.tgt_lens) + 1
-    return max(1, math.ceil(cost.sum() / batch_tokens))

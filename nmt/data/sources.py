@@ -10,7 +10,6 @@ import gzip
 import io
 import logging
 import os
-import shutil
 import urllib.error
 import urllib.request
 import zipfile
@@ -151,8 +150,3 @@ def _download_tatoeba(path: Path) -> None:
         return
     raise NMTError(errors[-1])
 
-
-def copy_into(source: Path, destination: Path) -> None:
-    """Copy a prepared file into a data directory (used by tests and scripts)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, destination)
