@@ -216,9 +216,15 @@ class Trainer:
                     "(press Ctrl-C again to quit at once)", signal.Signals(signum).name)
 
     def run(self, resuming: bool) -> TrainState:
+        handlers = {signum: signal.signal(signum, self.on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run(resuming)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def _run(self, resuming: bool) -> TrainState:
         cfg = self.cfg.trainer
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.on_signal)
         if resuming:
             self.resume()
         else:
@@ -321,8 +327,6 @@ class Trainer:
                 state.stop_reason = f"no dev {cfg.early_stopping_metric} improvement in {cfg.patience} validations"
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(value)
-        if state.epoch >= cfg.max_epochs and not state.stop_reason:
-            state.stop_reason = f"trainer.max_epochs={cfg.max_epochs} reached"
         epoch = state.epoch if state.batch_in_epoch == 0 else state.epoch + state.batch_in_epoch / self.epoch_size
         log.info("step %d, epoch %.2f: dev loss %.3f, ppl %.2f, BLEU %.2f, lr %.2e%s | %s", state.step, epoch,
                  metrics["loss"], metrics["ppl"], metrics["bleu"], self.lr, " (best)" if improved else "",
