@@ -228,6 +228,7 @@ class Trainer:
         if resuming:
             self.resume()
         else:
+            drop_metrics_after(self.files.metrics, 0)  # a start killed before its first checkpoint left some
             self.save("step0")  # the initial weights, to compare embeddings before and after
         max_seconds = cfg.max_seconds
         started = time.monotonic() - self.state.elapsed

@@ -7,6 +7,7 @@ serves both sides and a joint or separate vocabulary alike.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,21 @@ def model_files(run_dir: Path, joint: bool) -> dict[str, Path]:
 
 
 def train_sentencepiece(sentences: list[str], prefix: Path, cfg: VocabConfig, seed: int) -> Path:
-    """Train one SentencePiece model on `sentences`; writes prefix.model and prefix.vocab."""
+    """Train one SentencePiece model on `sentences`; writes prefix.model and prefix.vocab.
+
+    SentencePiece writes under a temporary name that is then renamed, so a run killed while it trains
+    never leaves a torn model behind for the next start to reuse.
+    """
     sentences = [s for s in sentences if s]
     if not sentences:
         raise NMTError(f"No training text left to build the vocabulary {prefix}.model; check the training data.")
     if len(sentences) > cfg.max_sentences:  # sample here, seeded, rather than inside SentencePiece
         sentences = random.Random(seed).sample(sentences, cfg.max_sentences)
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = prefix.with_name(f".{prefix.name}.tmp")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
-        model_prefix=str(prefix),
+        model_prefix=str(tmp_prefix),
         model_type=cfg.type,
         vocab_size=cfg.size,
         character_coverage=cfg.character_coverage,
@@ -52,7 +58,10 @@ def train_sentencepiece(sentences: list[str], prefix: Path, cfg: VocabConfig, se
         num_threads=1,  # one thread keeps the result reproducible
         minloglevel=2,
     )
-    return prefix.with_suffix(".model")
+    # .vocab first: a model file present means both are complete
+    for suffix in (".vocab", ".model"):
+        os.replace(f"{tmp_prefix}{suffix}", f"{prefix}{suffix}")
+    return Path(f"{prefix}.model")
 
 
 @dataclass

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Kill a training run with SIGKILL at random moments, resume it each time, and compare the result with
+an uninterrupted run of the same config, tensor by tensor.
+
+    python scripts/chaos_resume.py --data-dir ../shared/data --kills 5 --out chaos.json
+
+The run is `nmt-train experiment=debug` (plus any overrides given after `--`). One kill is aimed at a
+checkpoint write: the script watches for the temporary file that `save_checkpoint` writes and kills the
+moment it appears. The others land at random times. After the last kill the run is resumed to the end,
+then the final "model" tensors of checkpoints/last.pt and best.pt are compared with torch.equal.
+Exit status: 0 when every tensor is equal, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nmt.checkpoint import load_checkpoint
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="paths.data_dir for the runs (default: data)")
+    parser.add_argument("--kills", type=int, default=5, help="how many times to SIGKILL the run (default: 5)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for the kill times (default: random)")
+    parser.add_argument("--workdir", default=None, help="where the two runs go (default: a temporary directory)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument("overrides", nargs="*", help="extra nmt-train overrides (put them after --)")
+    return parser.parse_args()
+
+
+def train_command(data_dir: str, run_dir: Path, overrides: list[str], resume: bool) -> list[str]:
+    command = [shutil.which("nmt-train") or "nmt-train", "experiment=debug", "trainer.device=cpu",
+               f"paths.data_dir={data_dir}", f"paths.run_dir={run_dir}", *overrides]
+    return command + (["trainer.resume=true"] if resume else [])
+
+
+def start(command: list[str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def checkpoint_being_written(run_dir: Path) -> str | None:
+    """The name of the checkpoint whose temporary file exists right now (".last.pt.tmp" -> "last.pt")."""
+    folder = run_dir / "checkpoints"
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except FileNotFoundError:
+        return None
+    return next((n[1:-4] for n in names if n.startswith(".") and n.endswith(".pt.tmp")), None)
+
+
+def saved_step(run_dir: Path) -> int | None:
+    """The step of checkpoints/last.pt (or of last.prev.pt, where a resume would fall back), if any."""
+    for name in ("last.pt", "last.prev.pt"):
+        path = run_dir / "checkpoints" / name
+        try:
+            return load_checkpoint(path)["train_state"]["step"]
+        except Exception:  # noqa: BLE001 - missing or torn: try the fallback
+            continue
+    return None
+
+
+def kill_after(process: subprocess.Popen, run_dir: Path, delay: float, at_checkpoint_write: bool) -> str:
+    """Wait `delay` seconds (or for a checkpoint write to begin) and SIGKILL the whole process group.
+
+    Returns what happened: "killed", "killed while writing last.pt" (say), or "finished" when the run
+    ended on its own first.
+    """
+    deadline = time.monotonic() + delay
+    while process.poll() is None:
+        writing = checkpoint_being_written(run_dir) if at_checkpoint_write else None
+        if writing:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return f"killed while writing {writing}"
+        if not at_checkpoint_write and time.monotonic() >= deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return "killed"
+        time.sleep(0.002 if at_checkpoint_write else 0.02)
+    return "finished"
+
+
+def compare(reference: Path, chaos: Path) -> dict[str, dict]:
+    result = {}
+    for name in ("last", "best"):
+        a = load_checkpoint(reference / "checkpoints" / f"{name}.pt")["model"]
+        b = load_checkpoint(chaos / "checkpoints" / f"{name}.pt")["model"]
+        different = sorted(k for k in a if k not in b or not torch.equal(a[k], b[k]))
+        result[name] = {"tensors": len(a), "different": different, "equal": not different and a.keys() == b.keys()}
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    rng = random.Random(args.seed)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nmt-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    reference, chaos = workdir / "reference", workdir / "chaos"
+    for folder in (reference, chaos):
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    print(f"reference run (uninterrupted): {reference}", flush=True)
+    started = time.monotonic()
+    done = subprocess.run(train_command(args.data_dir, reference, args.overrides, False),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return 2
+    reference_seconds = time.monotonic() - started
+    print(f"  finished in {reference_seconds:.1f} s", flush=True)
+
+    # One kill, chosen at random among the N, waits for a checkpoint write; the others fire at a random
+    # time within the reference run's duration.
+    aimed = rng.randrange(args.kills) if args.kills else -1
+    events, log_path = [], workdir / "chaos.log"
+    attempt = 0
+    killed = 0
+    while killed < args.kills:
+        resume = attempt > 0
+        at_write = killed == aimed
+        delay = rng.uniform(0.5, reference_seconds)
+        process = start(train_command(args.data_dir, chaos, args.overrides, resume), log_path)
+        outcome = kill_after(process, chaos, delay, at_write)
+        attempt += 1
+        if outcome == "finished":
+            if process.returncode != 0:
+                print(f"the run failed (exit {process.returncode}); see {log_path}", file=sys.stderr)
+                return 2
+            # It ended before the kill: start the next attempt from scratch so the remaining kills still land.
+            shutil.rmtree(chaos)
+            attempt = 0
+            events.append({"outcome": "finished before the kill; restarted from scratch", "delay_s": round(delay, 2)})
+            continue
+        killed += 1
+        step = saved_step(chaos)
+        events.append({"outcome": outcome, "delay_s": None if at_write else round(delay, 2),
+                       "resumable_from_step": step})
+        where = outcome.replace("killed ", "") if at_write else f"after {delay:.1f} s"
+        print(f"kill {killed}: SIGKILL {where}; "
+              f"resumes from step {step if step is not None else 0}", flush=True)
+
+    process = start(train_command(args.data_dir, chaos, args.overrides, True), log_path)
+    if process.wait() != 0:
+        print(f"the final resume failed (exit {process.returncode}); see {log_path}", file=sys.stderr)
+        return 2
+    comparison = compare(reference, chaos)
+    equal = all(c["equal"] for c in comparison.values())
+    result = {"kills": killed, "events": events, "reference_seconds": round(reference_seconds, 1),
+              "overrides": ["experiment=debug", *args.overrides], "checkpoints": comparison, "all_equal": equal}
+    print(f"survived {killed} SIGKILLs; final 'model' tensors equal to the uninterrupted run: "
+          f"{'yes, all ' + str(comparison['last']['tensors']) if equal else 'NO'} "
+          f"(last.pt: {comparison['last']['equal']}, best.pt: {comparison['best']['equal']})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if not args.keep and not args.workdir:
+        shutil.rmtree(workdir)
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Faults during training: NaN/Inf losses, a full disk during a checkpoint write. Each leaves the last good
+checkpoint in place and ends with a message that says what to do."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST_DEBUG, run_cli
+from nmt.checkpoint import load_checkpoint
+from nmt.cli import compose_config
+from nmt.config import TrainConfig
+from nmt.data.batching import EncodedCorpus, collate
+from nmt.model.seq2seq import build_model
+from nmt.train import build_optimizer, train_step
+
+# Runs nmt-train in a subprocess with one function replaced from step `after` on (the patch is the fault).
+PATCHED_TRAIN = """
+import errno, sys
+import nmt.checkpoint, nmt.train
+from nmt.cli import train
+AFTER = {after}
+{patch}
+sys.argv = ["nmt-train", *sys.argv[1:]]
+train()
+"""
+
+NAN_LOSS = """
+loss = nmt.train.sequence_loss
+calls = [0]
+def nan_loss(logits, targets, label_smoothing=0.0):
+    value = loss(logits, targets, label_smoothing)
+    if logits.requires_grad:  # training steps only, not the dev loss
+        calls[0] += 1
+        if calls[0] > AFTER:
+            return value * float("nan")
+    return value
+nmt.train.sequence_loss = nan_loss
+"""
+
+DISK_FULL = """
+save = nmt.checkpoint.torch.save
+def save_until_full(state, handle):
+    if state["train_state"]["step"] > AFTER and handle.name.endswith("last.pt.tmp"):
+        handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    save(state, handle)
+nmt.checkpoint.torch.save = save_until_full
+"""
+
+
+def run_patched(patch: str, after: int, data_dir, run_dir, *extra: str):
+    code = PATCHED_TRAIN.format(after=after, patch=patch)
+    return run_cli(sys.executable, "-c", code, *FAST_DEBUG, f"paths.data_dir={data_dir}",
+                   f"paths.run_dir={run_dir}", "trainer.validate_every=4", *extra)
+
+
+def test_a_nonfinite_loss_skips_the_update():
+    cfg = TrainConfig()
+    cfg.model.embedding_dim, cfg.model.hidden_size = 8, 6
+    model = build_model(cfg.model, 30, 30)
+    optimizer = build_optimizer(model, cfg)
+    corpus = EncodedCorpus.from_lists([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]])
+    batch = collate(corpus, [0, 1])
+    with torch.no_grad():
+        model.output.bias[0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, tokens, updated = train_step(model, batch, optimizer, cfg)
+    assert not updated and tokens == batch.num_tgt_tokens
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not optimizer.state  # no moment was updated either
+
+
+def test_nonfinite_losses_in_a_row_stop_training_and_keep_the_checkpoint(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_patched(NAN_LOSS, 4, shared_data_dir, run_dir, "trainer.max_nonfinite_steps=3")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert "update skipped (1 in a row" in out.stderr and "update skipped (3 in a row" in out.stderr
+    assert "trainer.max_nonfinite_steps=3" in out.stderr and "lower learning rate" in out.stderr
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["train_state"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_patched(DISK_FULL, 4, shared_data_dir, run_dir)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert "Could not write the checkpoint" in out.stderr and "No space left on device" in out.stderr
+    assert "previous checkpoint is untouched" in out.stderr
+    folder = run_dir / "checkpoints"
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]  # the torn file is gone
+    assert load_checkpoint(folder / "last.pt")["train_state"]["step"] == 4
+    # and the run continues from there once there is room again
+    resumed = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
+                      "trainer.validate_every=4", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_nonfinite_steps_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit):
+        compose_config("train", [f"trainer.max_nonfinite_steps={value}"])
+    assert "trainer.max_nonfinite_steps" in capsys.readouterr().err
