@@ -14,6 +14,7 @@ from nmt.model.attention import BahdanauAttention
 from nmt.model.decoder import Decoder, gru_update
 from nmt.model.embedding import Embeddings, init_embedding_
 from nmt.model.encoder import Encoder
+from nmt.model.recurrence import AttentionGRUUnroll
 from nmt.model.seq2seq import build_model
 
 B, S, T, E, H, A, V = 3, 5, 4, 4, 6, 5, 11
@@ -170,6 +171,65 @@ def test_decoder_step_unrolled_equals_forward(layers):
         assert torch.allclose(weights, attention[:, t], atol=1e-6, rtol=1e-5)
 
 
+def test_fused_recurrence_gradients_pass_gradcheck():
+    """The hand-written backward of AttentionGRUUnroll against finite differences, padding included."""
+    generator = torch.Generator().manual_seed(3)
+    make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()  # noqa: E731
+    mask = make_src() != PAD_ID
+    inputs = (make(B, T, 3 * H), make(B, H), make(B, S, 2 * H), make(B, S, A), make(3 * H + A, H), make(3 * H),
+              make(3 * H, 2 * H), make(A))
+    unroll = lambda *a: AttentionGRUUnroll.apply(*a[:4], mask, *a[4:])[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(unroll, inputs)
+
+
+def test_fused_decoder_forward_and_gradients_equal_the_step_by_step_unroll():
+    decoder = Decoder(E, H, 2 * H, A, num_layers=1, dropout=0.0, rnn_dropout=0.0)
+    states = torch.randn(B, S, 2 * H, requires_grad=True)
+    embedded = torch.randn(B, T, E, requires_grad=True)
+    mask = make_src() != PAD_ID
+    final = torch.randn(B, 2 * H)
+    target = torch.randn(B, T, E)
+
+    def loss_and_grads(unroll_by_steps: bool):
+        decoder.zero_grad()
+        states.grad = embedded.grad = None
+        keys = decoder.attention.project_keys(states)
+        hidden = decoder.init_hidden(final)
+        if unroll_by_steps:  # the autograd reference: the same loop that decoding uses
+            outputs = []
+            for t in range(T):
+                out, hidden, _ = decoder.step(embedded[:, t], hidden, states, keys, mask)
+                outputs.append(out)
+            pre_output = torch.stack(outputs, 1)
+        else:
+            pre_output, _ = decoder(embedded, hidden, states, keys, mask)
+        loss = ((pre_output - target) ** 2).sum()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in decoder.named_parameters()}
+        return loss.detach(), grads, states.grad.clone(), embedded.grad.clone()
+
+    fused, reference = loss_and_grads(False), loss_and_grads(True)
+    assert torch.allclose(fused[0], reference[0], rtol=1e-5)
+    for name in reference[1]:
+        assert torch.allclose(fused[1][name], reference[1][name], atol=1e-5, rtol=1e-4), name
+    assert torch.allclose(fused[2], reference[2], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(fused[3], reference[3], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_decoder_runs_under_bf16_autocast():
+    decoder = Decoder(E, H, 2 * H, A, num_layers=1, dropout=0.0, rnn_dropout=0.0)
+    states = torch.randn(B, S, 2 * H)
+    mask = make_src() != PAD_ID
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys = decoder.attention.project_keys(states)
+        pre_output, attention = decoder(torch.randn(B, T, E), decoder.init_hidden(torch.randn(B, 2 * H)),
+                                        states, keys, mask)
+        pre_output.float().sum().backward()
+    assert pre_output.dtype == torch.bfloat16 and torch.isfinite(pre_output).all()
+    assert torch.allclose(attention.float().sum(-1), torch.ones(B, T), atol=1e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in decoder.parameters())
+
+
 def test_seq2seq_step_unrolled_equals_forward_log_probs():
     model = tiny_model(decoder_layers=2, encoder_layers=2).eval()
     src, tgt_in = make_src(), make_tgt_in()
@@ -216,3 +276,13 @@ def test_loss_gradient_reaches_every_parameter():
     logits.logsumexp(-1).sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_masked_forward_gives_the_logits_of_the_real_positions_only():
+    model = tiny_model().eval()
+    src, tgt_in = make_src(), make_tgt_in()
+    tgt_mask = tgt_in != PAD_ID
+    full = model(src, SRC_LENS, tgt_in)  # (B, T, V)
+    real = model(src, SRC_LENS, tgt_in, tgt_mask)  # (N, V)
+    assert real.shape == (int(tgt_mask.sum()), V)
+    assert torch.allclose(real, full[tgt_mask], atol=1e-6)

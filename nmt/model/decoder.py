@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.model.attention import BahdanauAttention
+from nmt.model.recurrence import AttentionGRUUnroll
 
 
 def gru_update(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -72,15 +73,34 @@ class Decoder(nn.Module):
                 src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced unroll: embedded (B, T, E) -> pre-output (B, T, E), attention (B, T, S)."""
         embedding_gates = self._embedding_gates(embedded)  # (B, T, 3H)
-        tops, contexts, attention = [], [], []
-        for t in range(embedded.size(1)):
-            top, context, weights, hidden = self._advance(embedding_gates[:, t], hidden, states, keys, src_mask)
-            tops.append(top)
-            contexts.append(context)
-            attention.append(weights)
+        if self.num_layers == 1:
+            tops, contexts, attention = self._unroll(embedding_gates, hidden[0], states, keys, src_mask)
+        else:
+            steps = []
+            for t in range(embedded.size(1)):
+                top, context, weights, hidden = self._advance(embedding_gates[:, t], hidden, states, keys, src_mask)
+                steps.append((top, context, weights))
+            tops, contexts, attention = (torch.stack(parts, 1) for parts in zip(*steps))
         # The output layer does not feed back into the recurrence, so it runs once over all steps.
-        pre_output = self._output(torch.stack(tops, 1), torch.stack(contexts, 1), embedded)  # (B, T, E)
-        return pre_output, torch.stack(attention, 1)  # (B, T, S)
+        pre_output = self._output(tops, contexts, embedded)  # (B, T, E)
+        return pre_output, attention  # (B, T, S)
+
+    def _unroll(self, embedding_gates: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
+                src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one-layer recurrence as one autograd Function (nmt/model/recurrence.py): the same numbers as
+        unrolling `_advance`, with every weight gradient computed once per batch instead of once per step."""
+        attention = self.attention
+        weights = (torch.cat([self.cell.weight_hh, attention.query_proj.weight]), self.cell.bias_hh,
+                   self.cell.weight_ih[:, self.embedding_dim:], attention.v.weight.view(-1))
+        inputs = (embedding_gates, hidden, states, keys)
+        device = embedding_gates.device.type
+        if not torch.is_autocast_enabled(device):
+            return AttentionGRUUnroll.apply(*inputs, src_mask, *weights)
+        # Under autocast every operand takes the autocast dtype; the Function's own ops then run as they are.
+        dtype = torch.get_autocast_dtype(device)
+        inputs, weights = (tuple(t.to(dtype) for t in group) for group in (inputs, weights))
+        with torch.autocast(device, enabled=False):
+            return AttentionGRUUnroll.apply(*inputs, src_mask, *weights)
 
     def step(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
              src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -47,12 +47,19 @@ class Seq2Seq(nn.Module):
         keys = self.decoder.attention.project_keys(states)  # (B, S, A)
         return EncoderOutput(states, keys, src_ids != PAD_ID), self.decoder.init_hidden(final)
 
-    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: src_ids (B, S), src_lens (B,), tgt_in (B, T) -> logits (B, T, V)."""
+    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: src_ids (B, S), src_lens (B,), tgt_in (B, T) -> logits (B, T, V).
+
+        With tgt_mask (B, T) bool, only the real target positions reach the output layer: logits (N, V)
+        for the N True positions in row-major order, so padding costs no vocabulary projection or softmax.
+        """
         encoded, hidden = self.encode(src_ids, src_lens)
         embedded = self.embed_dropout(self.tgt_embed(tgt_in))  # (B, T, E)
         pre_output, _ = self.decoder(embedded, hidden, encoded.states, encoded.keys, encoded.mask)  # (B, T, E)
-        return self.output(pre_output)  # (B, T, V)
+        if tgt_mask is not None:
+            pre_output = pre_output[tgt_mask]  # (N, E)
+        return self.output(pre_output)  # (B, T, V) or (N, V)
 
     def step(self, prev_ids: torch.Tensor, hidden: torch.Tensor,
              encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

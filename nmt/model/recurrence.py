@@ -1,0 +1,107 @@
+"""The teacher-forced decoder recurrence (Bahdanau attention + one GRU layer) as one autograd Function.
+
+Autograd through a Python loop of small ops spends much of a training step on bookkeeping that does
+no arithmetic: every step's use of a weight matrix produces a weight gradient that is added into the
+running total (an extra pass over the whole matrix per step), and slicing a weight inside the loop
+materialises a zero-filled gradient of the full weight per step. Here the forward loop saves only
+what backward needs (small (T, B, H) buffers), the backward loop computes the per-step input and
+state gradients by hand, and each weight gradient is then ONE large matmul over all T * B rows.
+The attention's tanh layer (B, S, A) is recomputed in backward instead of being stored for all T.
+
+The arithmetic is exactly that of `Decoder._advance` with one layer (tests check values and
+gradients against it), in torch's GRU gate order (r, z, n):
+    q = W_q s,  e_j = v . tanh(q + k_j),  a = softmax(e),  c = sum_j a_j h_j
+    [r, z, n] from x = emb_gates + W_c c and W_hh s + b_hh,  s' = n + z * (s - n)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class AttentionGRUUnroll(torch.autograd.Function):
+    """emb_gates (B, T, 3H), h0 (B, H), states (B, S, 2H), keys (B, S, A), mask (B, S) bool,
+    w_hq (3H + A, H) = [W_hh; W_q], b_hh (3H,), w_ctx (3H, 2H), v (A,)
+    -> tops (B, T, H), contexts (B, T, 2H), attention (B, T, S) (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, emb_gates, h0, states, keys, mask, w_hq, b_hh, w_ctx, v):
+        B, T, _ = emb_gates.shape
+        H, S = h0.size(1), states.size(1)
+        pad = ~mask  # (B, S)
+        new = emb_gates.new_empty
+        hs = new(T + 1, B, H)
+        hs[0] = h0
+        resets, updates, candidates, hidden_n = new(T, B, H), new(T, B, H), new(T, B, H), new(T, B, H)
+        contexts, weights, queries = new(T, B, states.size(2)), new(T, B, S), new(T, B, keys.size(2))
+        w_hq_t, w_ctx_t = w_hq.t(), w_ctx.t()
+        for t in range(T):
+            h = hs[t]
+            projected = torch.mm(h, w_hq_t)  # (B, 3H + A)
+            hidden_gates = projected[:, :3 * H] + b_hh  # (B, 3H)
+            query = projected[:, 3 * H:]  # (B, A)
+            queries[t] = query
+            scores = torch.matmul(torch.tanh(query.unsqueeze(1) + keys), v)  # (B, S)
+            scores.masked_fill_(pad, float("-inf"))
+            attention = torch.softmax(scores, dim=-1)  # (B, S); padded positions get exactly 0
+            weights[t] = attention
+            context = torch.bmm(attention.unsqueeze(1), states).squeeze(1)  # (B, 2H)
+            contexts[t] = context
+            input_gates = torch.addmm(emb_gates[:, t], context, w_ctx_t)  # (B, 3H)
+            i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
+            h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
+            reset = torch.sigmoid(i_r + h_r)
+            update = torch.sigmoid(i_z + h_z)
+            candidate = torch.tanh(torch.addcmul(i_n, reset, h_n))
+            torch.addcmul(candidate, update, h - candidate, out=hs[t + 1])  # (1 - z) * n + z * h
+            resets[t], updates[t], candidates[t], hidden_n[t] = reset, update, candidate, h_n
+        ctx.save_for_backward(hs, resets, updates, candidates, hidden_n, contexts, weights, queries,
+                              states, keys, w_hq, w_ctx, v)
+        ctx.mark_non_differentiable(weights)
+        return hs[1:].transpose(0, 1), contexts.transpose(0, 1), weights.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_tops, grad_contexts, _grad_weights):
+        hs, resets, updates, candidates, hidden_n, contexts, weights, queries, states, keys, w_hq, w_ctx, v = \
+            ctx.saved_tensors
+        T, B, H = resets.shape
+        grad_tops = torch.zeros_like(hs[1:]) if grad_tops is None else grad_tops.transpose(0, 1)  # (T, B, H)
+        grad_contexts = torch.zeros_like(contexts) if grad_contexts is None else grad_contexts.transpose(0, 1)
+        new = hs.new_empty
+        input_grads = new(T, B, 3 * H)  # d loss / d input gates, per step: also the emb_gates gradient
+        hq_grads = new(T, B, w_hq.size(0))  # d loss / d [W_hh s + b_hh; W_q s], per step
+        context_grads = new(T, B, contexts.size(2))
+        grad_keys = torch.zeros_like(keys)
+        grad_v = torch.zeros_like(v)
+        states_t = states.transpose(1, 2)  # (B, 2H, S)
+        grad_h = torch.zeros_like(hs[0])
+        for t in range(T - 1, -1, -1):
+            h, reset, update, candidate = hs[t], resets[t], updates[t], candidates[t]
+            grad_h = grad_h + grad_tops[t]
+            grad_candidate_pre = grad_h * (1 - update) * (1 - candidate * candidate)  # through tanh
+            grad_update_pre = grad_h * (h - candidate) * update * (1 - update)  # through sigmoid
+            grad_reset_pre = grad_candidate_pre * hidden_n[t] * reset * (1 - reset)
+            gates = input_grads[t]
+            gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:] = grad_reset_pre, grad_update_pre, grad_candidate_pre
+            hq = hq_grads[t]
+            hq[:, :2 * H] = gates[:, :2 * H]
+            torch.mul(grad_candidate_pre, reset, out=hq[:, 2 * H:3 * H])
+            grad_context = torch.addmm(grad_contexts[t], gates, w_ctx)  # (B, 2H)
+            context_grads[t] = grad_context
+            # attention: c = a @ states, a = softmax(e), e = tanh(q + k) . v
+            attention = weights[t]
+            grad_attention = torch.bmm(grad_context.unsqueeze(1), states_t).squeeze(1)  # (B, S)
+            grad_scores = attention * (grad_attention - (attention * grad_attention).sum(-1, keepdim=True))
+            activation = torch.tanh(queries[t].unsqueeze(1) + keys)  # (B, S, A), recomputed
+            grad_v += torch.bmm(grad_scores.unsqueeze(1), activation).sum((0, 1))
+            grad_pre = (grad_scores.unsqueeze(-1) * v) * (1 - activation * activation)  # (B, S, A)
+            grad_keys += grad_pre
+            torch.sum(grad_pre, dim=1, out=hq[:, 3 * H:])
+            grad_h = torch.addmm(grad_h * update, hq, w_hq)  # (B, H): direct path + through W_hh and W_q
+        rows = T * B
+        grad_w_hq = torch.mm(hq_grads.view(rows, -1).t(), hs[:-1].reshape(rows, H))
+        grad_b_hh = hq_grads[..., :3 * H].sum((0, 1))
+        grad_w_ctx = torch.mm(input_grads.view(rows, -1).t(), contexts.view(rows, -1))
+        grad_states = torch.bmm(weights.permute(1, 2, 0), context_grads.transpose(0, 1))  # (B, S, 2H)
+        return (input_grads.transpose(0, 1), grad_h, grad_states, grad_keys, None, grad_w_hq, grad_b_hh,
+                grad_w_ctx, grad_v)

@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Speed of the reference model, measured in one run so that the ratios hold on a noisy machine.
+
+    python scripts/benchmark.py --data-dir ../shared/data --out benchmark.json [--quick]
+
+The reference model (issue #7): Multi30k de->en, a joint SentencePiece unigram vocabulary of 8k,
+embeddings 256, a bidirectional GRU encoder of 512 per direction, a GRU decoder of 512, Bahdanau
+attention (512), dropout 0.2, batches of 4,096 target tokens. The script measures:
+  - the machine's matmul peak (fp32 and bf16, 2048^3, best of several runs);
+  - training throughput in real target tokens per second (padding excluded), after a warm-up, for
+    fp32 and bf16 autocast, through the trainer's own `train_step`;
+  - the model's analytic FLOPs per target token (forward + backward = 3 x forward, from the layer
+    sizes and the source/target lengths of the timed batches) and the MFU against the measured peak;
+  - greedy and beam-5 decoding of test2016 (sentences/s and output pieces/s) through the same
+    `translate_sentences` that nmt-evaluate uses; with --run DIR a trained model is used, otherwise
+    the benchmark's barely trained one (whose outputs run longer, so its figure is pessimistic);
+  - peak RSS of the process.
+It writes JSON (--out) and prints a markdown table. --quick finishes within about 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nmt.config import DecodeConfig, ModelConfig, TrainConfig, VocabConfig
+from nmt.data.batching import EncodedCorpus, collate, epoch_batches
+from nmt.data.vocab import Vocab
+from nmt.decoding import translate_sentences
+from nmt.model.seq2seq import Seq2Seq, build_model
+from nmt.run import load_trained
+from nmt.train import build_optimizer, train_step
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data", help="the data directory holding multi30k/ (default: data)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and sentences: about 3 minutes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
+    parser.add_argument("--run", default=None, help="a trained run directory to decode with (its own vocabulary)")
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "nmt-benchmark"),
+                        help="where the 8k SentencePiece model is kept between runs")
+    return parser.parse_args()
+
+
+# --- the machine ----------------------------------------------------------------------------------------------
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --- the model's arithmetic -------------------------------------------------------------------------------------
+
+def flops_per_target_token(cfg: ModelConfig, vocab_size: int, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Analytic training FLOPs per real target token: 2 x multiply-adds x 3 (forward + backward).
+
+    `batches` are (source lengths with eos, target lengths with eos) of the batches timed. Each target
+    step attends over its sentence's real source positions; the encoder's work per source token is
+    spread over the batch's target tokens.
+    """
+    E, H = cfg.embedding_dim, cfg.hidden_size
+    A = cfg.attention_size or H
+    src_tokens = sum(int(s.sum()) for s, _ in batches)
+    tgt_tokens = sum(int(t.sum()) for _, t in batches)
+    sentences = sum(len(s) for s, _ in batches)
+    attended = sum(int((s * t).sum()) for s, t in batches)  # sum over target steps of the source length
+    encoder = 2 * 3 * H * (E + H) + 2 * H * A  # both directions' GRU, then the key projection, per source token
+    decoder = 3 * H * (E + 2 * H) + 3 * H * H + H * A + (H + 2 * H + E) * E + E * vocab_size  # per target token
+    attention = A + 2 * H  # per (target step, source position): v . tanh(.) and the weighted sum of states
+    bridge = 2 * H * H  # per sentence
+    macs = (encoder * src_tokens + decoder * tgt_tokens + attention * attended + bridge * sentences) / tgt_tokens
+    return {"flops_per_tgt_token": 3 * 2 * macs, "src_per_tgt_token": src_tokens / tgt_tokens,
+            "attended_per_tgt_token": attended / tgt_tokens}
+
+
+# --- training and decoding ---------------------------------------------------------------------------------------
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def measure_training(model: Seq2Seq, corpus: EncodedCorpus, batches: list[list[int]], cfg: TrainConfig,
+                     device: torch.device, precision: str, warmup: int, steps: int) -> dict:
+    optimizer = build_optimizer(model, cfg)
+    model.train()
+    for indices in batches[:warmup]:
+        with autocast(precision, device):
+            train_step(model, collate(corpus, indices).to(device), optimizer, cfg)
+    tokens, losses = 0, []
+    synchronize(device)
+    started = time.perf_counter()
+    for indices in batches[warmup:warmup + steps]:
+        with autocast(precision, device):
+            loss, count, _ = train_step(model, collate(corpus, indices).to(device), optimizer, cfg)
+        tokens += count
+        losses.append(loss)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"tgt_tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds,
+            "tgt_tokens_per_step": tokens / steps, "last_loss": losses[-1]}
+
+
+def measure_decoding(model: Seq2Seq, vocab: Vocab, sources: list[str], device: torch.device, beam_size: int) -> dict:
+    cfg = DecodeConfig(beam_size=beam_size, alpha=1.0 if beam_size > 1 else 0.0)
+    translate_sentences(model, vocab, sources[:64], cfg, device)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    translations = translate_sentences(model, vocab, sources, cfg, device)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    pieces = sum(len(t.tgt_pieces) for t in translations)
+    return {"sentences_per_s": len(sources) / seconds, "tokens_per_s": pieces / seconds,
+            "sentences": len(sources), "mean_output_pieces": pieces / len(sources)}
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    multi30k = Path(args.data_dir) / "multi30k"
+    if not (multi30k / "train.de").is_file():
+        print(f"benchmark: no Multi30k in {multi30k}; pass --data-dir (e.g. ../shared/data)", file=sys.stderr)
+        return 2
+    warmup, steps, decode_count = (3, 12, 500) if args.quick else (5, 40, 1000)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    result: dict = {"machine": {"platform": platform.platform(), "processor": cpu_name(),
+                                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+                    "quick": args.quick}
+
+    print("matmul peak ...", file=sys.stderr, flush=True)
+    result["peak_fp32_gflops"] = matmul_peak_gflops(device, torch.float32)
+    result["peak_bf16_gflops"] = matmul_peak_gflops(device, torch.bfloat16)
+
+    print("vocabulary and data ...", file=sys.stderr, flush=True)
+    train_src, train_tgt = read_lines(multi30k / "train.de"), read_lines(multi30k / "train.en")
+    vocab = Vocab.build(Path(args.cache_dir) / "multi30k_de_en_unigram8k", train_src, train_tgt,
+                        VocabConfig(size=8000), seed=1)
+    corpus = EncodedCorpus.from_lists(vocab.encode(train_src, "src"), vocab.encode(train_tgt, "tgt"))
+    cfg = TrainConfig()  # the defaults are the reference model: gru_base sizes, dropout 0.2, Adam, 4,096 tokens
+    cfg.trainer.device = args.device
+    batches = epoch_batches(corpus, cfg.data.batch_tokens, cfg.data.sort_pool, seed=1, epoch=0)
+    timed = batches[warmup:warmup + steps]
+    lengths = [(corpus.src_lens[b] + 1, corpus.tgt_lens[b] + 1) for b in timed]
+    result.update(flops_per_target_token(cfg.model, vocab.size("tgt"), lengths))
+
+    model = None
+    for precision in precisions:
+        print(f"training, {precision} ...", file=sys.stderr, flush=True)
+        torch.manual_seed(1)
+        model = build_model(cfg.model, vocab.size("src"), vocab.size("tgt")).to(device)
+        measured = measure_training(model, corpus, batches, cfg, device, precision, warmup, steps)
+        peak = result["peak_fp32_gflops"] if precision == "fp32" else result["peak_bf16_gflops"]
+        measured["mfu"] = measured["tgt_tokens_per_s"] * result["flops_per_tgt_token"] / (peak * 1e9)
+        result[f"train_{precision}"] = measured
+    if "fp32" in precisions:
+        result["train_tgt_tokens_per_s"] = result["train_fp32"]["tgt_tokens_per_s"]
+        result["mfu"] = result["train_fp32"]["mfu"]
+    if "fp32" in precisions and "bf16" in precisions:
+        result["bf16_speedup"] = result["train_bf16"]["tgt_tokens_per_s"] / result["train_fp32"]["tgt_tokens_per_s"]
+
+    test_sources = read_lines(multi30k / "test_2016_flickr.de")[:decode_count]
+    if args.run:
+        trained = load_trained(args.run, "best", device)
+        decode_model, decode_vocab, result["decode_model"] = trained.model, trained.vocab, f"{args.run} (best)"
+    else:
+        decode_model, decode_vocab = model, vocab
+        result["decode_model"] = f"the benchmark's model after {warmup + steps} steps (untrained: long outputs)"
+    for beam in (1, 5):
+        print(f"decoding, beam {beam} ...", file=sys.stderr, flush=True)
+        with torch.no_grad():
+            result[f"decode_beam{beam}"] = measure_decoding(decode_model, decode_vocab, test_sources, device, beam)
+    result["greedy_sentences_per_s"] = result["decode_beam1"]["sentences_per_s"]
+    result["beam5_sentences_per_s"] = result["decode_beam5"]["sentences_per_s"]
+    result["peak_rss_mb"] = peak_rss_mb()
+
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(table(result))
+    return 0
+
+
+def table(r: dict) -> str:
+    rows = [("matmul peak fp32 / bf16", f"{r['peak_fp32_gflops']:.0f} / {r['peak_bf16_gflops']:.0f} GFLOP/s"),
+            ("FLOPs per target token (train)", f"{r['flops_per_tgt_token'] / 1e6:.1f} MFLOP")]
+    for precision in ("fp32", "bf16"):
+        if f"train_{precision}" in r:
+            t = r[f"train_{precision}"]
+            rows.append((f"training {precision}", f"{t['tgt_tokens_per_s']:,.0f} target tok/s, MFU {t['mfu']:.1%} "
+                                                 f"({t['steps']} steps, {t['tgt_tokens_per_step']:,.0f} tok/step)"))
+    if "bf16_speedup" in r:
+        rows.append(("bf16 / fp32 training speed", f"{r['bf16_speedup']:.2f}x"))
+    for beam, name in ((1, "greedy"), (5, "beam 5")):
+        d = r[f"decode_beam{beam}"]
+        rows.append((f"{name} decoding, test2016", f"{d['sentences_per_s']:.0f} sent/s, {d['tokens_per_s']:,.0f} tok/s "
+                                                   f"({d['sentences']} sentences, {d['mean_output_pieces']:.1f} pieces each)"))
+    rows.append(("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"))
+    machine = r["machine"]
+    header = (f"{machine['gpu'] or machine['processor']}, {machine['threads']} threads, torch {machine['torch']}"
+              f"{', quick' if r['quick'] else ''}")
+    lines = [f"| {header} | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
