@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nmt.checkpoint import load_latest, save_checkpoint
@@ -28,6 +27,7 @@ from nmt.data.pipeline import TrainingData, prepare_training_data
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.errors import Interrupted, NMTError
+from nmt.loss import cross_entropy_sum
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import load_pretrained_
 from nmt.plots import plot_training_curves
@@ -100,7 +100,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy: logits (N, V) of the real target positions, targets (N,) -> scalar."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="sum")
+    return cross_entropy_sum(logits, targets, label_smoothing)
 
 
 def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -6,7 +6,6 @@ running total (an extra pass over the whole matrix per step), and slicing a weig
 materialises a zero-filled gradient of the full weight per step. Here the forward loop saves only
 what backward needs (small (T, B, H) buffers), the backward loop computes the per-step input and
 state gradients by hand, and each weight gradient is then ONE large matmul over all T * B rows.
-The attention's tanh layer (B, S, A) is recomputed in backward instead of being stored for all T.
 
 The arithmetic is exactly that of `Decoder._advance` with one layer (tests check values and
 gradients against it), in torch's GRU gate order (r, z, n):
@@ -33,21 +32,23 @@ class AttentionGRUUnroll(torch.autograd.Function):
         hs = new(T + 1, B, H)
         hs[0] = h0
         resets, updates, candidates, hidden_n = new(T, B, H), new(T, B, H), new(T, B, H), new(T, B, H)
-        contexts, weights, queries = new(T, B, states.size(2)), new(T, B, S), new(T, B, keys.size(2))
+        contexts, weights = new(T, B, states.size(2)), new(T, B, S)
+        activations = new(T, B, S, keys.size(2))  # tanh(q + k) of every step, kept for backward
         w_hq_t, w_ctx_t = w_hq.t(), w_ctx.t()
+        emb_gates = emb_gates.transpose(0, 1).contiguous()  # (T, B, 3H): each step reads one block
         for t in range(T):
             h = hs[t]
             projected = torch.mm(h, w_hq_t)  # (B, 3H + A)
             hidden_gates = projected[:, :3 * H] + b_hh  # (B, 3H)
             query = projected[:, 3 * H:]  # (B, A)
-            queries[t] = query
-            scores = torch.matmul(torch.tanh(query.unsqueeze(1) + keys), v)  # (B, S)
+            activation = torch.tanh(torch.add(keys, query.unsqueeze(1), out=activations[t]), out=activations[t])
+            scores = torch.matmul(activation, v)  # (B, S)
             scores.masked_fill_(pad, float("-inf"))
             attention = torch.softmax(scores, dim=-1)  # (B, S); padded positions get exactly 0
             weights[t] = attention
             context = torch.bmm(attention.unsqueeze(1), states).squeeze(1)  # (B, 2H)
             contexts[t] = context
-            input_gates = torch.addmm(emb_gates[:, t], context, w_ctx_t)  # (B, 3H)
+            input_gates = torch.addmm(emb_gates[t], context, w_ctx_t)  # (B, 3H)
             i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
             h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
             reset = torch.sigmoid(i_r + h_r)
@@ -55,14 +56,14 @@ class AttentionGRUUnroll(torch.autograd.Function):
             candidate = torch.tanh(torch.addcmul(i_n, reset, h_n))
             torch.addcmul(candidate, update, h - candidate, out=hs[t + 1])  # (1 - z) * n + z * h
             resets[t], updates[t], candidates[t], hidden_n[t] = reset, update, candidate, h_n
-        ctx.save_for_backward(hs, resets, updates, candidates, hidden_n, contexts, weights, queries,
+        ctx.save_for_backward(hs, resets, updates, candidates, hidden_n, contexts, weights, activations,
                               states, keys, w_hq, w_ctx, v)
         ctx.mark_non_differentiable(weights)
         return hs[1:].transpose(0, 1), contexts.transpose(0, 1), weights.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad_tops, grad_contexts, _grad_weights):
-        hs, resets, updates, candidates, hidden_n, contexts, weights, queries, states, keys, w_hq, w_ctx, v = \
+        hs, resets, updates, candidates, hidden_n, contexts, weights, activations, states, keys, w_hq, w_ctx, v = \
             ctx.saved_tensors
         T, B, H = resets.shape
         grad_tops = torch.zeros_like(hs[1:]) if grad_tops is None else grad_tops.transpose(0, 1)  # (T, B, H)
@@ -92,7 +93,7 @@ class AttentionGRUUnroll(torch.autograd.Function):
             attention = weights[t]
             grad_attention = torch.bmm(grad_context.unsqueeze(1), states_t).squeeze(1)  # (B, S)
             grad_scores = attention * (grad_attention - (attention * grad_attention).sum(-1, keepdim=True))
-            activation = torch.tanh(queries[t].unsqueeze(1) + keys)  # (B, S, A), recomputed
+            activation = activations[t]  # (B, S, A)
             grad_v += torch.bmm(grad_scores.unsqueeze(1), activation).sum((0, 1))
             grad_pre = (grad_scores.unsqueeze(-1) * v) * (1 - activation * activation)  # (B, S, A)
             grad_keys += grad_pre
