@@ -15,6 +15,7 @@ FILES = ["data.train.src=a.de", "data.train.tgt=a.en", "data.val.src=b.de", "dat
 PRESETS = {
     "debug": ("debug", "multi30k", "de", "en"),
     "multi30k_de_en": ("multi30k_de_en", "multi30k", "de", "en"),
+    "multi30k_de_en_best": ("multi30k_de_en_best", "multi30k", "de", "en"),
     "multi30k_en_de": ("multi30k_en_de", "multi30k", "en", "de"),
     "tatoeba_fr_en": ("tatoeba_fr_en", "tatoeba", "fr", "en"),
     "tatoeba_fr_en_tutorial": ("tatoeba_fr_en_tutorial", "tatoeba", "fr", "en"),
