@@ -3,6 +3,8 @@ checkpoint in place and ends with a message that says what to do."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -107,3 +109,43 @@ def test_max_nonfinite_steps_must_be_positive(value, capsys):
     with pytest.raises(SystemExit):
         compose_config("train", [f"trainer.max_nonfinite_steps={value}"])
     assert "trainer.max_nonfinite_steps" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["nmt-evaluate", "nmt-translate"])
+def test_console_scripts_refuse_a_checkpoint_that_would_run_code(debug_run, tmp_path, command):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    good = load_checkpoint(debug_run / "checkpoints" / "best.pt")
+    torch.save({**good, "extra": _Payload(marker)}, evil)
+    key = "eval.checkpoint" if command == "nmt-evaluate" else "translate.checkpoint"
+    out = subprocess.run([command, f"run={debug_run}", f"{key}={evil}"], input="Ein Hund.\n", capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "Refused to load" in out.stderr and str(evil) in out.stderr
+    assert not marker.exists()
+
+
+def test_resume_from_a_truncated_last_checkpoint_falls_back_and_says_so(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["trainer.validate_every=4", "trainer.max_steps=8"]
+    first = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.pt"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.prev.pt")["train_state"]["step"] == 4
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a torn write, as from a failing disk
+    resumed = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
+                      "trainer.validate_every=4", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "truncated or corrupted" in resumed.stderr and "Falling back to the previous checkpoint" in resumed.stderr
+    assert "at step 4" in resumed.stderr
+    assert load_checkpoint(last)["train_state"]["step"] > 8  # it went on to the end of the epoch
