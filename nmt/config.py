@@ -116,6 +116,9 @@ class DataConfig:
     # sorted together by length (larger = less padding, less randomness)
     batch_tokens: int = 4096
     sort_pool: int = 100
+    # processes that encode the training split into the cache; 0 = one for small corpora, else
+    # one per CPU (up to 8). The result does not depend on it.
+    encode_workers: int = 0
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
@@ -133,6 +136,7 @@ class DataConfig:
         check_non_negative("data.val_limit", self.val_limit)
         check_positive("data.batch_tokens", self.batch_tokens)
         check_positive("data.sort_pool", self.sort_pool)
+        check_non_negative("data.encode_workers", self.encode_workers)
         if self.dataset == "files":
             for split in ("train", "val"):
                 files: SplitFiles = getattr(self, split)
@@ -267,6 +271,8 @@ class TrainerConfig:
 class PathsConfig:
     data_dir: str = "data"
     run_dir: Optional[str] = None  # None = outputs/<experiment>/<timestamp>
+    # the encoded-corpus and vocabulary cache; None = $NMT_CACHE_DIR, else $XDG_CACHE_HOME/nmt or ~/.cache/nmt
+    cache_dir: Optional[str] = None
 
 
 @dataclass

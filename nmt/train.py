@@ -24,6 +24,7 @@ from nmt.checkpoint import load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
 from nmt.data.batching import Batch, collate, epoch_batches, padding_share
+from nmt.data.cache import cache_root
 from nmt.data.pipeline import TrainingData, prepare_training_data
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
@@ -176,7 +177,8 @@ class Trainer:
         self.cfg, self.cfg_dict, self.files = cfg, cfg_dict, files
         self.device = pick_device(cfg.trainer.device)
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-        self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed)
+        self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed,
+                                          cache_root(cfg.paths.cache_dir, files.run_dir))
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
         setup_embeddings(self.model, cfg, self.data)
         self.model.to(self.device)
