@@ -17,6 +17,7 @@ from nmt.errors import ConfigError
 INIT_SCHEMES = ("normal", "uniform", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 DATASETS = ("multi30k", "tatoeba", "files")
 SPLITS = ("train", "val", "test")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -245,6 +246,9 @@ class TrainerConfig:
     deterministic: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf updates in a row (each is skipped)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
+    compile: bool = False  # torch.compile the decoder's step; falls back to eager with a warning
+    dist_timeout: str = "2h"  # under torchrun: how long a rank waits for the others (rank 0 prepares the data alone)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
@@ -261,10 +265,16 @@ class TrainerConfig:
         check_positive("trainer.val_max_len_ratio", self.val_max_len_ratio)
         check_non_negative("trainer.num_threads", self.num_threads)
         check_positive("trainer.max_nonfinite_steps", self.max_nonfinite_steps)
+        check_choice("trainer.precision", self.precision, PRECISIONS)
+        parse_duration("trainer.dist_timeout", self.dist_timeout)
 
     @property
     def max_seconds(self) -> Optional[float]:
         return parse_duration("trainer.max_time", self.max_time)
+
+    @property
+    def dist_timeout_seconds(self) -> float:
+        return parse_duration("trainer.dist_timeout", self.dist_timeout)
 
 
 @dataclass
