@@ -258,7 +258,8 @@ class Trainer:
         self.precision = Precision(cfg.trainer.precision, self.device)
         self.state = TrainState(world_size=self.dist.world_size)
         self.epoch_size = 0  # batches in the current epoch
-        self.interrupted = 0  # the signal that asked us to stop, if any
+        self.interrupted = 0  # the signal that asked us (or, under torchrun, any rank) to stop, if any
+        self.signalled = False  # whether this process itself received SIGINT or SIGTERM
         self.first_batch_seen = False
         params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
@@ -301,8 +302,11 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def on_signal(self, signum, frame) -> None:
-        if self.interrupted:  # a second Ctrl-C: stop at once; the last checkpoint on disk still stands
+        if self.signalled and signum == signal.SIGINT:  # a second Ctrl-C: stop at once; last.pt on disk still stands
             raise KeyboardInterrupt
+        if self.signalled:  # SIGTERM again: a cluster manager and torchrun may both send one; already stopping
+            return
+        self.signalled = True
         self.interrupted = signum
         log.warning("%s: stopping after this step and saving checkpoints/last.pt "
                     "(press Ctrl-C again to quit at once)", signal.Signals(signum).name)

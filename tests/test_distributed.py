@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from nmt.distributed import Distributed, advance, rank_batches, wrap_model
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import build_model
 from nmt.run import load_trained
-from nmt.train import build_optimizer, train_step
+from nmt.train import Trainer, build_optimizer, train_step
 
 # --- each rank's share of the epoch ----------------------------------------------------------------------
 
@@ -303,3 +304,13 @@ def test_an_error_of_one_rank_is_printed_by_that_rank_with_its_number(monkeypatc
     with pytest.raises(SystemExit) as exit_info:  # every rank stopped alike: rank 0 says it
         main("train", fails(Interrupted("stopped by SIGINT")), [])
     assert exit_info.value.code == 130 and capsys.readouterr().err == ""
+
+
+def test_a_repeated_sigterm_does_not_abort_the_save_but_a_second_ctrl_c_does():
+    """torchrun forwards the SIGTERM that a cluster manager may also send to the workers directly."""
+    trainer = SimpleNamespace(signalled=False, interrupted=0)
+    Trainer.on_signal(trainer, signal.SIGTERM, None)
+    Trainer.on_signal(trainer, signal.SIGTERM, None)  # ignored: already stopping
+    assert trainer.interrupted == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.on_signal(trainer, signal.SIGINT, None)
