@@ -174,7 +174,7 @@ def session(device_name: str, timeout_seconds: float) -> Iterator[Distributed]:
         yield dist
         clean = True
     except NMTError as error:
-        clean = error.every_rank
+        clean = error.every_rank and not isinstance(error, PeerFailed)  # a failed rank 0 writes nothing more
         raise
     finally:
         teardown(dist, clean)

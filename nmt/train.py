@@ -246,7 +246,7 @@ class Trainer:
         # rank 0 trains the vocabulary and writes the corpus cache; the other ranks then read both
         with self.dist.main_first():
             self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed,
-                                              cache_root(cfg.paths.cache_dir, files.run_dir))
+                                              cache_root(cfg.paths.cache_dir, files.run_dir), self.dist.is_main)
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
         setup_embeddings(self.model, cfg, self.data)
         self.model.to(self.device)

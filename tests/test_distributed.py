@@ -23,7 +23,7 @@ from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
 from nmt.config import ModelConfig, OptimConfig, TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
-from nmt.distributed import Distributed, advance, rank_batches, wrap_model
+from nmt.distributed import Distributed, PeerFailed, advance, rank_batches, wrap_model
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import build_model
 from nmt.run import load_trained
@@ -107,8 +107,23 @@ def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         if hook is not None:
             hook.remove()
         unchanged = all(torch.equal(v, after_first[k]) for k, v in model.state_dict().items())
+        # main_first: rank 0 runs the block before the others, and its failure reaches them
+        marker = Path(out_dir) / "written-by-rank-0"
+        with dist.main_first():
+            seen = marker.exists()
+            marker.touch()
+        try:
+            with dist.main_first():
+                if rank == 0:
+                    raise NMTError("the data is bad")
+            outcome = "ran"
+        except PeerFailed:
+            outcome = "peer failed"
+        except NMTError:
+            outcome = "failed"
         torch.save({"state": after_first, "first": (first.loss, first.tokens, first.status),
-                    "second": second.status, "unchanged": unchanged}, Path(out_dir) / f"rank{rank}.pt")
+                    "second": second.status, "unchanged": unchanged, "seen": seen, "outcome": outcome},
+                   Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch_dist.destroy_process_group()
 
@@ -140,6 +155,11 @@ def test_two_ranks_on_a_and_b_equal_one_process_on_a_plus_b(two_rank_results):
 def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(two_rank_results):
     assert [r["second"] for r in two_rank_results] == ["nonfinite", "nonfinite"]
     assert all(r["unchanged"] for r in two_rank_results)
+
+
+def test_rank_0_prepares_first_and_its_failure_stops_the_others_instead_of_hanging(two_rank_results):
+    assert [r["seen"] for r in two_rank_results] == [False, True]
+    assert [r["outcome"] for r in two_rank_results] == ["failed", "peer failed"]
 
 
 # --- nmt-train under torchrun ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ _worker_encoder: ChunkEncoder | None = None
 
 def _start_worker(model_files: dict[str, Path], cfg: DataConfig, dtype: np.dtype) -> None:
     global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
     _worker_encoder = ChunkEncoder(model_files, cfg, dtype, num_threads=1)
 
 
