@@ -3,10 +3,13 @@
 Each composes its Hydra config (`configs/<name>.yaml` against the schemas in nmt.config) from
 `key=value` overrides, turns it into dataclasses, and calls one function. A user's mistake (a bad
 key, value, file or directory) ends with one paragraph on stderr and exit status 2, no traceback.
+Under torchrun every rank composes the same config and agrees on most errors, so rank 0 alone
+prints them; an error of one rank's own is printed by that rank, naming it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable
@@ -34,10 +37,21 @@ Settings are Hydra overrides, e.g.
 """
 
 
-def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
-    """Print a user-facing error as one paragraph and exit."""
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (RANK), 0 otherwise."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
+def print_error(message: str) -> None:
     text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
     print(f"nmt: error: {text}", file=sys.stderr)
+
+
+def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
+    """Print a user-facing error as one paragraph (on rank 0 only: the others hit the same error) and exit."""
+    if torchrun_rank() == 0:
+        print_error(message)
     sys.exit(exit_code)
 
 
@@ -113,9 +127,14 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     try:
         task(cfg, cfg_dict)
     except NMTError as error:
+        rank = torchrun_rank()
+        if rank and not error.every_rank:  # this rank's own failure: rank 0 cannot know why
+            print_error(f"(rank {rank}) {error}")
+            sys.exit(error.exit_code)
         fail(str(error), error.exit_code)
     except KeyboardInterrupt:
-        print("nmt: interrupted", file=sys.stderr)
+        if torchrun_rank() == 0:
+            print("nmt: interrupted", file=sys.stderr)
         sys.exit(130)
 
 

@@ -17,6 +17,7 @@ from nmt.errors import ConfigError
 INIT_SCHEMES = ("normal", "uniform", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 DATASETS = ("multi30k", "tatoeba", "files")
 SPLITS = ("train", "val", "test")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -116,6 +117,9 @@ class DataConfig:
     # sorted together by length (larger = less padding, less randomness)
     batch_tokens: int = 4096
     sort_pool: int = 100
+    # processes that encode the training split into the cache; 0 = one for small corpora, else
+    # one per CPU (up to 8). The result does not depend on it.
+    encode_workers: int = 0
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
@@ -133,6 +137,7 @@ class DataConfig:
         check_non_negative("data.val_limit", self.val_limit)
         check_positive("data.batch_tokens", self.batch_tokens)
         check_positive("data.sort_pool", self.sort_pool)
+        check_non_negative("data.encode_workers", self.encode_workers)
         if self.dataset == "files":
             for split in ("train", "val"):
                 files: SplitFiles = getattr(self, split)
@@ -241,6 +246,9 @@ class TrainerConfig:
     deterministic: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf updates in a row (each is skipped)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
+    compile: bool = False  # torch.compile the decoder's step; falls back to eager with a warning
+    dist_timeout: str = "2h"  # under torchrun: how long a rank waits for the others (rank 0 prepares the data alone)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
@@ -257,16 +265,24 @@ class TrainerConfig:
         check_positive("trainer.val_max_len_ratio", self.val_max_len_ratio)
         check_non_negative("trainer.num_threads", self.num_threads)
         check_positive("trainer.max_nonfinite_steps", self.max_nonfinite_steps)
+        check_choice("trainer.precision", self.precision, PRECISIONS)
+        parse_duration("trainer.dist_timeout", self.dist_timeout)
 
     @property
     def max_seconds(self) -> Optional[float]:
         return parse_duration("trainer.max_time", self.max_time)
+
+    @property
+    def dist_timeout_seconds(self) -> float:
+        return parse_duration("trainer.dist_timeout", self.dist_timeout)
 
 
 @dataclass
 class PathsConfig:
     data_dir: str = "data"
     run_dir: Optional[str] = None  # None = outputs/<experiment>/<timestamp>
+    # the encoded-corpus and vocabulary cache; None = $NMT_CACHE_DIR, else $XDG_CACHE_HOME/nmt or ~/.cache/nmt
+    cache_dir: Optional[str] = None
 
 
 @dataclass

@@ -5,6 +5,9 @@ class NMTError(Exception):
     """A problem with the user's input, files or settings; the message says what to do."""
 
     exit_code = 2
+    # Under torchrun: True when every rank raises it at the same point (a decision they agreed on),
+    # so rank 0 alone prints it and the ranks wait for each other before they exit.
+    every_rank = False
 
 
 class ConfigError(NMTError):
@@ -15,3 +18,10 @@ class Interrupted(NMTError):
     """Training was stopped by SIGINT or SIGTERM after saving its last checkpoint."""
 
     exit_code = 130
+    every_rank = True
+
+
+class Diverged(NMTError):
+    """Too many updates in a row had a NaN or infinite loss or gradient."""
+
+    every_rank = True

@@ -19,8 +19,10 @@ from nmt.model.seq2seq import Seq2Seq, build_model
 
 log = logging.getLogger(__name__)
 
-# Settings that shape the model or its vocabulary: a resumed run must keep them.
+# Settings that shape the model or its vocabulary: a resumed run must keep them ...
 FIXED_ON_RESUME = ("data", "model")
+# ... except these, which change how the work is done but not its result.
+FREE_ON_RESUME = ("data.encode_workers",)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def check_resumable(files: RunFiles, resume: bool, cfg_dict: dict) -> bool:
             f"trainer.resume=true, or choose a new paths.run_dir; nothing was overwritten."
         )
     saved = read_config(files)
-    changed = [d for section in FIXED_ON_RESUME for d in _differences(saved.get(section, {}), cfg_dict[section], f"{section}.")]
+    changed = [d for section in FIXED_ON_RESUME for d in _differences(saved.get(section, {}), cfg_dict[section], f"{section}.")
+               if not d.startswith(tuple(f"{key} " for key in FREE_ON_RESUME))]
     if changed:
         raise NMTError(
             f"Cannot resume {files.run_dir} with different data or model settings: {'; '.join(changed)}. "

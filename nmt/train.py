@@ -1,4 +1,9 @@
-"""train(cfg): read the data, build the model, and run the loop: clip, schedule, validate, checkpoint, stop."""
+"""train(cfg): read the data, build the model, and run the loop: clip, schedule, validate, checkpoint, stop.
+
+Under torchrun the same loop runs on every rank (see nmt.distributed): each rank trains on its own
+share of the epoch's batches, DistributedDataParallel averages the gradients, and rank 0 alone
+validates and writes files.
+"""
 
 from __future__ import annotations
 
@@ -19,18 +24,22 @@ import sacrebleu
 import torch
 from tqdm import tqdm
 
+from nmt import distributed
 from nmt.checkpoint import load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
 from nmt.data.batching import Batch, collate, epoch_batches, padding_share
+from nmt.data.cache import cache_root
 from nmt.data.pipeline import TrainingData, prepare_training_data
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
-from nmt.errors import Interrupted, NMTError
+from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
+from nmt.errors import Diverged, Interrupted
 from nmt.loss import cross_entropy_sum
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import load_pretrained_
 from nmt.plots import plot_training_curves
+from nmt.precision import FP32, Precision, compile_decoder_step
 from nmt.run import RunFiles, check_resumable, write_config
 from nmt.runtime import pick_device, seed_everything
 
@@ -43,12 +52,14 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    batch_in_epoch: int = 0  # batches of `epoch`'s list already trained on, by all ranks together
     elapsed: float = 0.0  # training seconds, summed over resumes (for trainer.max_time)
     best_metric: float | None = None
     bad_validations: int = 0  # validations since the best one (early stopping)
     skipped_steps: int = 0  # updates skipped for a NaN or infinite loss or gradient
     skipped_in_row: int = 0
+    overflow_steps: int = 0  # fp16 steps the gradient scaler skipped while lowering its scale
+    world_size: int = 1  # processes that trained the last stretch (a resume may use another number)
     stop_reason: str = ""
 
 
@@ -103,46 +114,83 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     return cross_entropy_sum(logits, targets, label_smoothing)
 
 
-def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
+def batch_loss(model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0,
+               precision: Precision = FP32) -> torch.Tensor:
     """Summed cross-entropy of a batch under teacher forcing, over its real target positions only."""
     tgt_mask = batch.tgt_out != PAD_ID  # (B, T)
-    logits = model(batch.src_ids, batch.src_lens, batch.tgt_in, tgt_mask)  # (N, V)
-    return sequence_loss(logits, batch.tgt_out[tgt_mask], label_smoothing)
+    with precision.autocast():
+        logits = model(batch.src_ids, batch.src_lens, batch.tgt_in, tgt_mask)  # (N, V)
+    return sequence_loss(logits, batch.tgt_out[tgt_mask], label_smoothing)  # float32, outside autocast
 
 
-def train_step(model: Seq2Seq, batch: Batch, optimizer: torch.optim.Optimizer,
-               cfg: TrainConfig) -> tuple[float, int, bool]:
-    """Forward, backward, clip and update on one batch -> (mean loss per token, target tokens, updated).
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target token, over every rank's batch
+    tokens: int  # target tokens, over every rank's batch
+    status: str  # ok | nonfinite (update skipped) | overflow (fp16: the scaler skipped it and lowered its scale)
 
-    A NaN or infinite loss or gradient skips the update (updated = False) rather than poisoning the weights.
+    @property
+    def updated(self) -> bool:
+        return self.status == "ok"
+
+
+def train_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+               device: torch.device, dist: Distributed = SINGLE_PROCESS, precision: Precision = FP32) -> StepResult:
+    """Forward, backward, clip and update on one batch (on the CPU; moved to `device` here).
+
+    `model` may be DistributedDataParallel, which averages the gradients over ranks. Scaling each
+    rank's summed loss by world_size / (target tokens on all ranks) makes that average the gradient
+    of the mean loss per token of all ranks' batches together, as if one process had trained on
+    their union. A NaN or infinite loss or gradient on any rank skips the update on every rank.
     """
-    num_tokens = batch.num_tgt_tokens
-    loss = batch_loss(model, batch, cfg.optim.label_smoothing) / num_tokens
+    tokens = int(dist.sum([batch.num_tgt_tokens])[0])  # counted on the CPU copy: no device sync
+    batch = batch.to(device)
+    loss_sum = batch_loss(model, batch, cfg.optim.label_smoothing, precision)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    precision.backward(loss_sum * dist.world_size / tokens)
+    precision.unscale_(optimizer)
     max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    value = loss.item()
-    if not (math.isfinite(value) and math.isfinite(float(grad_norm))):
+    local_loss = float(loss_sum.detach())
+    loss_total, bad_losses = dist.sum([local_loss, 0.0 if math.isfinite(local_loss) else 1.0])
+    result = StepResult(loss_total / tokens, tokens, "ok")
+    grad_finite = math.isfinite(float(grad_norm))  # the same on every rank: DDP made the gradients equal
+    scaler = precision.scaler
+    if bad_losses or (scaler is None and not grad_finite):
         optimizer.zero_grad(set_to_none=True)
-        return value, num_tokens, False
-    optimizer.step()
-    return value, num_tokens, True
+        if scaler is not None:
+            scaler.update(scaler.get_scale())  # end the scaler's iteration; a NaN loss is not its doing
+        result.status = "nonfinite"
+        return result
+    if scaler is None:
+        optimizer.step()
+        return result
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skips the update itself when a gradient is inf or NaN
+    scaler.update()  # ... and then halves the scale
+    if not grad_finite:
+        optimizer.zero_grad(set_to_none=True)
+        # With a scale above 1 the overflow is the scaler's probe of its range: routine. At a scale
+        # of 1 or less the gradients are not finite at their true size: a real failure.
+        result.status = "overflow" if scale > 1.0 else "nonfinite"
+    return result
 
 
 @torch.no_grad()
-def validate(model: Seq2Seq, data: TrainingData, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Dev loss and perplexity under teacher forcing, and dev BLEU of the decoded dev set."""
+def validate(model: Seq2Seq, data: TrainingData, cfg: TrainConfig, device: torch.device,
+             precision: Precision = FP32) -> dict[str, float]:
+    """Dev loss and perplexity under teacher forcing, and dev BLEU of the decoded dev set (both in the training precision)."""
     model.eval()
     corpus, total_loss, total_tokens = data.val_encoded, 0.0, 0
     usable = [i for i in range(len(corpus)) if len(corpus.src(i)) and len(corpus.tgt(i))]
     for start in tqdm(range(0, len(usable), 64), desc="validate", unit="batch", leave=False):
         batch = collate(corpus, usable[start:start + 64]).to(device)
-        total_loss += float(batch_loss(model, batch))
+        total_loss += float(batch_loss(model, batch, precision=precision))
         total_tokens += batch.num_tgt_tokens
     decode_cfg = DecodeConfig(beam_size=cfg.trainer.val_beam_size, alpha=0.0 if cfg.trainer.val_beam_size == 1 else 1.0,
                               max_len_ratio=cfg.trainer.val_max_len_ratio, batch_size=64)
-    translations = translate_sentences(model, data.vocab, data.val.src, decode_cfg, device, progress=True)
+    with precision.autocast():
+        translations = translate_sentences(model, data.vocab, data.val.src, decode_cfg, device, progress=True)
     hypotheses = [t.text for t in translations]
     bleu = sacrebleu.corpus_bleu(hypotheses, [data.val.tgt]).score
     model.train()
@@ -152,26 +200,42 @@ def validate(model: Seq2Seq, data: TrainingData, cfg: TrainConfig, device: torch
 
 # --- checkpoints --------------------------------------------------------------------------------------
 
-def checkpoint_state(model, optimizer, scheduler, state: TrainState, cfg_dict: dict) -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: the CPU generator and, on a GPU, that device's."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def checkpoint_state(model, optimizer, scheduler, state: TrainState, cfg_dict: dict,
+                     rank_rng: list[dict] | None = None, scaler: dict | None = None) -> dict:
+    """The checkpoint dict; `model` is the plain model (never the DDP wrapper), so its keys load anywhere."""
     return {
-        "model": model.state_dict(),
+        "model": getattr(model, "module", model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "ranks": rank_rng or []},  # under torchrun: every rank's state, in rank order
+        "scaler": scaler or {},
         "train_state": asdict(state),
         "config": cfg_dict,
     }
 
 
-def restore(checkpoint: dict, model, optimizer, scheduler) -> TrainState:
+def restore(checkpoint: dict, model, optimizer, scheduler, dist: Distributed = SINGLE_PROCESS) -> TrainState:
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None and checkpoint["scheduler"]:
         scheduler.load_state_dict(checkpoint["scheduler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    rng = checkpoint["rng"]
+    ranks = rng.get("ranks") or []
+    if dist.enabled and len(ranks) == dist.world_size:  # the same ranks again: each takes back its own state
+        torch.set_rng_state(ranks[dist.rank]["torch"])
+        if ranks[dist.rank]["cuda"] is not None and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(ranks[dist.rank]["cuda"], dist.device)
+    else:  # otherwise every rank starts from rank 0's (or the single process's) state
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainState(**checkpoint["train_state"])
 
 
@@ -180,35 +244,63 @@ def restore(checkpoint: dict, model, optimizer, scheduler) -> TrainState:
 class Trainer:
     """Holds what the loop needs; `run` reads top to bottom."""
 
-    def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles):
+    def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles, dist: Distributed | None = None):
+        self.created = time.monotonic()
         self.cfg, self.cfg_dict, self.files = cfg, cfg_dict, files
-        self.device = pick_device(cfg.trainer.device)
+        self.dist = dist or Distributed(device=pick_device(cfg.trainer.device))
+        self.device = self.dist.device
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-        self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed)
+        # rank 0 trains the vocabulary and writes the corpus cache; the other ranks then read both
+        with self.dist.main_first():
+            self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed,
+                                              cache_root(cfg.paths.cache_dir, files.run_dir), self.dist.is_main)
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
         setup_embeddings(self.model, cfg, self.data)
         self.model.to(self.device)
+        if cfg.trainer.compile:
+            compile_decoder_step(self.model)
+        self.train_model = wrap_model(self.model, self.dist)  # what the steps call: DDP under torchrun
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.state = TrainState()
+        self.precision = Precision(cfg.trainer.precision, self.device)
+        self.state = TrainState(world_size=self.dist.world_size)
         self.epoch_size = 0  # batches in the current epoch
-        self.interrupted = 0  # the signal that asked us to stop, if any
+        self.interrupted = 0  # the signal that asked us (or, under torchrun, any rank) to stop, if any
+        self.signalled = False  # whether this process itself received SIGINT or SIGTERM
+        self.first_batch_seen = False
         params = sum(p.numel() for p in self.model.parameters())
-        log.info("model: %s parameters, device %s", f"{params:,}", self.device)
+        ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
+        log.info("model: %s parameters, device %s%s, precision %s%s", f"{params:,}", self.device, ranks,
+                 cfg.trainer.precision, ", decoder step compiled" if cfg.trainer.compile else "")
 
     def save(self, name: str) -> None:
-        state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.cfg_dict)
+        """Every rank calls this (each hands in its random state); rank 0 writes the file."""
+        rank_rng = self.dist.gather(rng_state(self.device)) if self.dist.enabled else None
+        if not self.dist.is_main:
+            return
+        state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.cfg_dict, rank_rng,
+                                 self.precision.state_dict())
         save_checkpoint(state, self.files.checkpoint(name), keep_previous=name == "last")
 
     def resume(self) -> None:
-        checkpoint, path = load_latest(self.files.checkpoint("last"), map_location=self.device)
-        self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler)
+        # on the CPU first: RNG states must stay there; load_state_dict moves the rest to the model's device
+        checkpoint, path = load_latest(self.files.checkpoint("last"), map_location="cpu")
+        self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler, self.dist)
+        self.precision.load_state_dict(checkpoint.get("scaler", {}))
         self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
-        drop_metrics_after(self.files.metrics, self.state.step)
+        if self.dist.is_main:
+            drop_metrics_after(self.files.metrics, self.state.step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
                  self.state.epoch + 1, self.state.batch_in_epoch)
+        if self.state.world_size != self.dist.world_size:
+            log.info("the run continues on %d process(es) instead of %d: the epoch goes on at its batch %d, "
+                     "which no process has trained on yet", self.dist.world_size, self.state.world_size,
+                     self.state.batch_in_epoch)
+        self.state.world_size = self.dist.world_size
 
     def log_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.files.metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -217,8 +309,11 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def on_signal(self, signum, frame) -> None:
-        if self.interrupted:  # a second Ctrl-C: stop at once; the last checkpoint on disk still stands
+        if self.signalled and signum == signal.SIGINT:  # a second Ctrl-C: stop at once; last.pt on disk still stands
             raise KeyboardInterrupt
+        if self.signalled:  # SIGTERM again: a cluster manager and torchrun may both send one; already stopping
+            return
+        self.signalled = True
         self.interrupted = signum
         log.warning("%s: stopping after this step and saving checkpoints/last.pt "
                     "(press Ctrl-C again to quit at once)", signal.Signals(signum).name)
@@ -255,31 +350,35 @@ class Trainer:
         return self.state
 
     def train_epoch(self, started: float, max_seconds: float | None) -> None:
-        cfg, state = self.cfg.trainer, self.state
+        cfg, state, dist = self.cfg.trainer, self.state, self.dist
         batches = epoch_batches(self.data.train, self.cfg.data.batch_tokens, self.cfg.data.sort_pool, cfg.seed, state.epoch)
         self.epoch_size = len(batches)
         if state.batch_in_epoch == 0:
             log.info("epoch %d: %d batches, %.1f%% padding", state.epoch + 1, len(batches),
                      100 * padding_share(self.data.train, batches))
+        mine = rank_batches(len(batches), state.batch_in_epoch, dist.rank, dist.world_size)  # this rank's share
         bar = tqdm(total=len(batches), initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}", unit="batch",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not dist.is_main)
         window_tokens, window_start, loss_sum, loss_count = 0, time.monotonic(), 0.0, 0
-        self.model.train()
-        end_of_epoch = False
+        self.train_model.train()
+        end_of_epoch, step_in_epoch = False, 0
         while not end_of_epoch and not state.stop_reason:
-            batch = collate(self.data.train, batches[state.batch_in_epoch]).to(self.device)
-            loss, tokens, updated = train_step(self.model, batch, self.optimizer, self.cfg)
-            self.count_nonfinite(updated, loss)
+            batch = collate(self.data.train, batches[mine[step_in_epoch]])
+            step_in_epoch += 1
+            self.log_first_batch()
+            result = train_step(self.train_model, batch, self.optimizer, self.cfg, self.device, dist, self.precision)
+            self.count_nonfinite(result)
             if self.cfg.optim.scheduler == "inverse_sqrt":
                 self.scheduler.step()
             state.step += 1
-            state.batch_in_epoch += 1
+            position = state.batch_in_epoch
+            state.batch_in_epoch = advance(position, len(batches), dist.world_size)
             state.elapsed = time.monotonic() - started
-            window_tokens += tokens
-            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            window_tokens += result.tokens
+            loss_sum, loss_count = loss_sum + result.loss, loss_count + 1
             speed = window_tokens / max(1e-9, time.monotonic() - window_start)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}", lr=f"{self.lr:.2e}", refresh=False)
-            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{speed:.0f}", lr=f"{self.lr:.2e}", refresh=False)
+            bar.update(state.batch_in_epoch - position)
             if state.step % cfg.log_every == 0:
                 self.log_metrics({"kind": "train", "step": state.step, "epoch": state.epoch + 1,
                                   "loss": loss_sum / loss_count, "lr": self.lr, "tgt_tokens_per_s": speed,
@@ -297,34 +396,54 @@ class Trainer:
                 self.validate_and_checkpoint()
         bar.close()
 
-    def count_nonfinite(self, updated: bool, loss: float) -> None:
+    def log_first_batch(self) -> None:
+        if not self.first_batch_seen:
+            self.first_batch_seen = True
+            log.info("first batch ready %.2f s after the trainer started (data preparation included)",
+                     time.monotonic() - self.created)
+
+    def count_nonfinite(self, result: StepResult) -> None:
         state, limit = self.state, self.cfg.trainer.max_nonfinite_steps
-        if updated:
+        if result.status == "ok":
             state.skipped_in_row = 0
+            return
+        if result.status == "overflow":  # routine for fp16: the scaler found its range; not a failure
+            state.overflow_steps += 1
+            log.debug("step %d: fp16 gradients overflowed; update skipped, loss scale lowered to %g",
+                      state.step + 1, self.precision.scaler.get_scale())
             return
         state.skipped_steps += 1
         state.skipped_in_row += 1
         log.warning("step %d: loss or gradient is not finite (loss %s); update skipped (%d in a row, %d in all)",
-                    state.step + 1, loss, state.skipped_in_row, state.skipped_steps)
+                    state.step + 1, result.loss, state.skipped_in_row, state.skipped_steps)
         if state.skipped_in_row >= limit:
-            raise NMTError(
+            precision = (f" or a wider trainer.precision (bf16 or fp32 instead of {self.cfg.trainer.precision})"
+                         if self.cfg.trainer.precision == "fp16" else "")
+            raise Diverged(
                 f"Training stopped: {limit} updates in a row had a NaN or infinite loss or gradient "
                 f"(trainer.max_nonfinite_steps={limit}). The checkpoints in {self.files.run_dir / 'checkpoints'} "
                 f"are untouched. Try a lower learning rate (optim.lr={self.cfg.optim.lr:g} now) or a smaller "
-                f"optim.clip_grad_norm, then resume with trainer.resume=true or start a new run."
+                f"optim.clip_grad_norm{precision}, then resume with trainer.resume=true or start a new run."
             )
 
     def limit_reached(self, max_seconds: float | None) -> str:
+        """Why to stop after this step, or "". Every rank gets the same answer (and learns of a signal
+        that reached another rank), so all stop at the same step."""
         cfg, state = self.cfg.trainer, self.state
+        time_up = max_seconds is not None and state.elapsed >= max_seconds
+        signum, time_up = self.dist.max([float(self.interrupted), float(time_up)])
+        self.interrupted = int(signum)
         if cfg.max_steps and state.step >= cfg.max_steps:
             return f"trainer.max_steps={cfg.max_steps} reached"
-        if max_seconds is not None and state.elapsed >= max_seconds:
+        if time_up:
             return f"trainer.max_time={cfg.max_time} reached"
         return ""
 
     def validate_and_checkpoint(self) -> None:
         cfg, state = self.cfg.trainer, self.state
-        metrics = validate(self.model, self.data, self.cfg, self.device)
+        # rank 0 validates while the others wait; all then take the same decisions (best, patience, lr)
+        metrics = self.dist.broadcast(
+            validate(self.model, self.data, self.cfg, self.device, self.precision) if self.dist.is_main else None)
         value = metrics[cfg.early_stopping_metric]
         sign = 1.0 if cfg.early_stopping_metric == "bleu" else -1.0
         improved = state.best_metric is None or sign * (value - state.best_metric) > cfg.min_delta
@@ -345,7 +464,8 @@ class Trainer:
         if improved:
             self.save("best")
         self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
-        plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
+        if self.dist.is_main:
+            plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -362,21 +482,31 @@ def drop_metrics_after(path: Path, step: int) -> None:
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run: the same overrides, the run directory, resume=true."""
     keep = [a for a in sys.argv[1:] if not a.startswith(("paths.run_dir=", "trainer.resume="))]
-    return shlex.join(["nmt-train", *keep, f"paths.run_dir={run_dir}", "trainer.resume=true"])
+    tail = [*keep, f"paths.run_dir={run_dir}", "trainer.resume=true"]
+    if distributed.launched_by_torchrun():  # any number of processes may continue it
+        processes = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        return shlex.join(["torchrun", "--standalone", f"--nproc_per_node={processes}", sys.argv[0], *tail])
+    return shlex.join(["nmt-train", *tail])
 
 
 def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
-    """Train as configured; returns the run directory."""
-    run_dir = Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg)
-    files = RunFiles(run_dir)
-    resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
-    setup_logging(files.log)
-    cfg_dict["paths"]["run_dir"] = str(run_dir)
-    # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)
-    cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    trainer = Trainer(cfg, cfg_dict, files)
-    write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
-    trainer.run(resuming)
+    """Train as configured; returns the run directory. Under torchrun, every rank calls this."""
+    with distributed.session(cfg.trainer.device, cfg.trainer.dist_timeout_seconds) as dist:
+        # rank 0's choice, so that a default (timestamped) directory is the same on every rank
+        run_dir = dist.broadcast(Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg))
+        files = RunFiles(run_dir)
+        if not dist.is_main:
+            setup_logging(None, level=logging.ERROR)  # rank 0 alone logs; the others report only errors
+        resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
+        if dist.is_main:
+            setup_logging(files.log)
+        cfg_dict["paths"]["run_dir"] = str(run_dir)
+        # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)
+        cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        trainer = Trainer(cfg, cfg_dict, files, dist)
+        if dist.is_main:
+            write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
+        trainer.run(resuming)
     return run_dir

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Console scripts (nmt-train, ...) must be those of the interpreter running the tests, not whichever
+# nmt-train comes first on PATH (another checkout's, say); subprocesses inherit this PATH.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 # Overrides that keep an end-to-end `experiment=debug` run to a few seconds on a CPU.
 FAST_DEBUG = ["experiment=debug", "data.train_limit=500", "data.val_limit=20", "trainer.max_epochs=1",
@@ -47,6 +52,19 @@ def shared_data_dir() -> Path:
     if not (path / "multi30k" / "train.de").is_file():
         pytest.skip(f"no real data at {path}; set NMT_TEST_DATA_DIR to a directory holding multi30k/")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Encoded corpora and SentencePiece models are cached in a temporary folder for the session, never in
+    ~/.cache; console scripts run by the tests inherit NMT_CACHE_DIR."""
+    previous = os.environ.get("NMT_CACHE_DIR")
+    os.environ["NMT_CACHE_DIR"] = str(tmp_path_factory.mktemp("nmt-cache"))
+    yield Path(os.environ["NMT_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("NMT_CACHE_DIR", None)
+    else:
+        os.environ["NMT_CACHE_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

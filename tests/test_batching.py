@@ -11,6 +11,10 @@ from nmt.data.batching import (EncodedCorpus, collate, decode_batches, epoch_bat
 from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
+def lists(batches) -> list[list[int]]:
+    return [batch.tolist() for batch in batches]
+
+
 def random_corpus(n: int = 600, max_len: int = 40, seed: int = 0) -> EncodedCorpus:
     rng = np.random.default_rng(seed)
     src = [rng.integers(4, 100, size=rng.integers(1, max_len + 1)).tolist() for _ in range(n)]
@@ -43,7 +47,7 @@ def test_token_budget_is_respected_including_bos_and_eos(budget):
 
 def test_an_example_wider_than_the_budget_gets_its_own_batch():
     corpus = EncodedCorpus.from_lists([[5] * 50, [5] * 3, [5] * 4], [[6] * 2, [6] * 3, [6] * 2])
-    batches = epoch_batches(corpus, 20, sort_pool=10, seed=0, epoch=0)
+    batches = lists(epoch_batches(corpus, 20, sort_pool=10, seed=0, epoch=0))
     assert [0] in batches
     assert sorted(i for b in batches for i in b) == [0, 1, 2]
 
@@ -54,15 +58,16 @@ def test_every_example_appears_exactly_once_per_epoch(epoch):
     batches = epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=epoch)
     flat = [i for batch in batches for i in batch]
     assert sorted(flat) == list(range(len(corpus)))
-    assert all(batches)
+    assert all(len(batch) for batch in batches)
+    assert all(batch.dtype == np.int32 for batch in batches)  # 4 bytes per example, not a Python int
 
 
 def test_same_seed_and_epoch_give_the_same_batches_and_other_epochs_differ():
     corpus = random_corpus()
-    first = epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=2)
-    assert epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=2) == first
-    assert epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=3) != first
-    assert epoch_batches(corpus, 400, sort_pool=3, seed=12, epoch=2) != first
+    first = lists(epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=2))
+    assert lists(epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=2)) == first
+    assert lists(epoch_batches(corpus, 400, sort_pool=3, seed=11, epoch=3)) != first
+    assert lists(epoch_batches(corpus, 400, sort_pool=3, seed=12, epoch=2)) != first
 
 
 def test_sorting_keeps_padding_low():
@@ -119,7 +124,7 @@ def test_pad_rows_prefix_and_suffix():
 def test_sorted_batches_without_rng_follow_length():
     src_lens = np.array([5, 1, 9, 3, 7])
     batches = token_batches(src_lens, src_lens, batch_tokens=1000, sort_pool=1, rng=None)
-    assert batches == [[1, 3, 0, 4, 2]]
+    assert lists(batches) == [[1, 3, 0, 4, 2]]
 
 
 def test_decode_batches_longest_first_and_bounded():

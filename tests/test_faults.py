@@ -69,8 +69,8 @@ def test_a_nonfinite_loss_skips_the_update():
     with torch.no_grad():
         model.output.bias[0] = float("inf")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, tokens, updated = train_step(model, batch, optimizer, cfg)
-    assert not updated and tokens == batch.num_tgt_tokens
+    result = train_step(model, batch, optimizer, cfg, torch.device("cpu"))
+    assert not result.updated and result.tokens == batch.num_tgt_tokens
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not optimizer.state  # no moment was updated either
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from nmt.config import VocabConfig
-from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab, model_files
+from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentenceSample, Vocab, model_files
 from nmt.errors import NMTError
 
 
@@ -97,3 +99,25 @@ def test_load_without_models_is_a_clear_error(tmp_path):
 def test_no_text_is_a_clear_error(tmp_path):
     with pytest.raises(NMTError, match="No training text"):
         Vocab.build(tmp_path, ["", ""], ["", ""], VocabConfig(size=60), seed=1)
+
+
+def test_sentence_sample_keeps_everything_in_order_until_full_then_samples_uniformly():
+    sample = SentenceSample(capacity=5, seed=3)
+    for i in range(5):
+        sample.add(f"s{i}")
+    assert sample.sentences == [f"s{i}" for i in range(5)]  # under the cap: exactly the input
+    hits = Counter()
+    for seed in range(400):
+        sample = SentenceSample(capacity=5, seed=seed)
+        for i in range(50):
+            sample.add(f"s{i}")
+        assert len(sample.sentences) == 5 and len(set(sample.sentences)) == 5 and sample.seen == 50
+        hits.update(sample.sentences)
+    # each of the 50 sentences is kept with probability 1/10: about 40 times in 400 samples
+    assert len(hits) == 50 and min(hits.values()) > 15 and max(hits.values()) < 70
+    again = SentenceSample(capacity=5, seed=7)
+    first = SentenceSample(capacity=5, seed=7)
+    for i in range(50):
+        again.add(f"s{i}")
+        first.add(f"s{i}")
+    assert again.sentences == first.sentences  # seeded

@@ -1,13 +1,16 @@
 """Token-budget batches built from length buckets, and the Batch that the model consumes.
 
-An encoded corpus is stored flat (all ids in one array plus offsets), the layout a memory-mapped
-cache uses, so a batch is a handful of slices. Each training epoch's batch order is a pure function
-of (seed, epoch): a resumed run replays the same order and skips the batches it already saw.
+An encoded corpus is stored flat (all ids in one array plus offsets), the layout of the memory-mapped
+cache (nmt.data.cache), so a batch is a handful of slices and the arrays may live on disk. Each
+training epoch's batch order is a pure function of (seed, epoch): a resumed run replays the same
+order and skips the batches it already saw. A batch is an int32 array of example indices, so an
+epoch's plan costs 4 bytes per example rather than a Python object each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -31,13 +34,22 @@ class EncodedCorpus:
     def __len__(self) -> int:
         return len(self.src_offsets) - 1
 
-    @property
+    @cached_property
     def src_lens(self) -> np.ndarray:
-        return np.diff(self.src_offsets)
+        """(N,) int32, in memory even when the ids are memory-mapped (bucketing reads every length)."""
+        return np.diff(self.src_offsets).astype(np.int32)
 
-    @property
+    @cached_property
     def tgt_lens(self) -> np.ndarray:
-        return np.diff(self.tgt_offsets)
+        return np.diff(self.tgt_offsets).astype(np.int32)
+
+    def token_counts(self, side: str, size: int, chunk: int = 1 << 24) -> np.ndarray:
+        """How often each id occurs on one side: (size,) int64, read in chunks so a memory map stays on disk."""
+        flat = self.src_flat if side == "src" else self.tgt_flat
+        counts = np.zeros(size, dtype=np.int64)
+        for start in range(0, len(flat), chunk):
+            counts += np.bincount(np.asarray(flat[start:start + chunk]), minlength=size)[:size]
+        return counts
 
     def src(self, index: int) -> np.ndarray:
         return self.src_flat[self.src_offsets[index]:self.src_offsets[index + 1]]
@@ -73,8 +85,11 @@ class Batch:
         return int((self.tgt_out != PAD_ID).sum()) if self.tgt_out is not None else 0
 
     def to(self, device: torch.device) -> "Batch":
-        non_blocking = device.type == "cuda"
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        """Copy the id tensors to `device`; to a GPU from pinned memory without blocking the host."""
+        if device.type == "cuda":
+            move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        else:
+            move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.src_ids), self.src_lens, move(self.tgt_in), move(self.tgt_out), self.indices)
 
 
@@ -93,27 +108,29 @@ def pad_rows(rows: list[np.ndarray], prefix: int | None = None, suffix: int | No
     return torch.from_numpy(out)
 
 
-def collate(corpus: EncodedCorpus, indices: list[int], with_target: bool = True) -> Batch:
+def collate(corpus: EncodedCorpus, indices, with_target: bool = True) -> Batch:
+    """Example indices (a list or an int array) -> a padded Batch."""
+    indices = [int(i) for i in indices]
     src_rows = [corpus.src(i) for i in indices]
     src_ids = pad_rows(src_rows, suffix=EOS_ID)  # (B, S)
     src_lens = torch.tensor([len(r) + 1 for r in src_rows], dtype=torch.long)
     if not with_target:
-        return Batch(src_ids, src_lens, indices=list(indices))
+        return Batch(src_ids, src_lens, indices=indices)
     tgt_rows = [corpus.tgt(i) for i in indices]
     tgt_in = pad_rows(tgt_rows, prefix=BOS_ID)  # (B, T)
     tgt_out = pad_rows(tgt_rows, suffix=EOS_ID)  # (B, T)
-    return Batch(src_ids, src_lens, tgt_in, tgt_out, list(indices))
+    return Batch(src_ids, src_lens, tgt_in, tgt_out, indices)
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int, sort_pool: int,
-                  rng: np.random.Generator | None) -> list[list[int]]:
-    """Group example indices so that B * max(S, T) stays within `batch_tokens` (padding included).
+                  rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Group example indices into int32 arrays so that B * max(S, T) stays within `batch_tokens` (padding included).
 
     Examples are shuffled, then sorted by length within pools of about `sort_pool` batches, so each
     batch holds similar lengths (little padding) while the order still varies from epoch to epoch.
     Without an rng the whole set is sorted and the batch order is by length (for decoding).
     """
-    cost = np.maximum(src_lens, tgt_lens) + 1  # +1 for eos / bos
+    cost = np.maximum(src_lens, tgt_lens).astype(np.int64) + 1  # +1 for eos / bos
     order = rng.permutation(len(cost)) if rng is not None else np.arange(len(cost))
     per_batch = max(1, batch_tokens // max(1, int(cost.mean()))) if len(cost) else 1
     pool = len(cost) if rng is None else per_batch * sort_pool
@@ -127,21 +144,21 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
     return batches
 
 
-def _cut(sorted_indices: np.ndarray, cost: np.ndarray, batch_tokens: int) -> list[list[int]]:
-    batches, current, widest = [], [], 0
-    for index in sorted_indices.tolist():
-        width = max(widest, int(cost[index]))
-        if current and width * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, width = [], int(cost[index])
-        current.append(index)
+def _cut(sorted_indices: np.ndarray, cost: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Cut a length-sorted run of examples into batches greedily: a batch grows while its widest
+    example times its size fits the budget."""
+    ends, size, widest = [], 0, 0
+    for position, example_cost in enumerate(cost[sorted_indices].tolist()):
+        width = max(widest, example_cost)
+        if size and width * (size + 1) > batch_tokens:
+            ends.append(position)
+            size, width = 0, example_cost
+        size += 1
         widest = width
-    if current:
-        batches.append(current)
-    return batches
+    return [part.astype(np.int32) for part in np.split(sorted_indices, ends)] if len(sorted_indices) else []
 
 
-def epoch_batches(corpus: EncodedCorpus, batch_tokens: int, sort_pool: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(corpus: EncodedCorpus, batch_tokens: int, sort_pool: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The training batches of one epoch; the same (seed, epoch) always gives the same batches."""
     rng = np.random.default_rng([seed, epoch])
     return token_batches(corpus.src_lens, corpus.tgt_lens, batch_tokens, sort_pool, rng)
@@ -153,7 +170,7 @@ def decode_batches(src_lens: np.ndarray, max_sentences: int) -> list[list[int]]:
     return [order[i:i + max_sentences] for i in range(0, len(order), max_sentences)]
 
 
-def padding_share(corpus: EncodedCorpus, batches: list[list[int]]) -> float:
+def padding_share(corpus: EncodedCorpus, batches) -> float:
     """The share of target positions in these batches that are padding."""
     real = padded = 0
     lens = corpus.tgt_lens + 1

@@ -2,6 +2,8 @@
 
 Lines are split on b"\\n" alone, so U+2028, U+2029, U+0085 or a stray CR inside a line never shift
 the two sides against each other; CRLF endings, a BOM and NUL bytes are normalised per line.
+The training split can also be streamed (`training_source`), so a corpus larger than memory is
+never held as Python strings; dev and test are small and read whole.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice, zip_longest
 from pathlib import Path
+from typing import Callable, Iterator
 
 from nmt.config import DataConfig
 from nmt.data.sources import SplitPaths, multi30k_paths, tatoeba_path
@@ -76,29 +80,44 @@ def read_lines(path: Path, on_decode_error: str = "error") -> list[str]:
     return [clean_line(text) for _, text in decoded_lines(path, on_decode_error)]
 
 
+def iter_parallel(src_path: Path, tgt_path: Path, on_decode_error: str = "error") -> Iterator[tuple[str, str]]:
+    """Stream (source, target) lines of two line-aligned files, not yet cleaned; when one file ends
+    first, the error names both files and both line counts."""
+    src_lines, tgt_lines = decoded_lines(src_path, on_decode_error), decoded_lines(tgt_path, on_decode_error)
+    count = 0
+    for src, tgt in zip_longest(src_lines, tgt_lines):
+        if src is None or tgt is None:
+            src_count = count + (src is not None) + sum(1 for _ in src_lines)
+            tgt_count = count + (tgt is not None) + sum(1 for _ in tgt_lines)
+            raise NMTError(
+                f"The parallel files are not line-aligned: {src_path} has {src_count} lines but {tgt_path} has "
+                f"{tgt_count}. Each line of one must translate the same line of the other; fix the files so "
+                f"their line counts match."
+            )
+        count += 1
+        yield src[1], tgt[1]
+
+
 def read_parallel(src_path: Path, tgt_path: Path, on_decode_error: str = "error") -> ParallelText:
     """Read two line-aligned files; different line counts are an error naming both files."""
-    src = read_lines(src_path, on_decode_error)
-    tgt = read_lines(tgt_path, on_decode_error)
-    if len(src) != len(tgt):
-        raise NMTError(
-            f"The parallel files are not line-aligned: {src_path} has {len(src)} lines but {tgt_path} has "
-            f"{len(tgt)}. Each line of one must translate the same line of the other; fix the files so "
-            f"their line counts match."
-        )
-    return ParallelText(src, tgt, name=str(src_path))
+    text = ParallelText([], [], name=str(src_path))
+    for src, tgt in iter_parallel(src_path, tgt_path, on_decode_error):
+        text.src.append(clean_line(src))
+        text.tgt.append(clean_line(tgt))
+    return text
 
 
-def read_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error", on_bad_line: str = "error") -> ParallelText:
-    """Read source<TAB>target lines; a line without exactly one tab is an error (or a counted skip)."""
-    src, tgt, bad = [], [], []
+def iter_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error",
+             on_bad_line: str = "error") -> Iterator[tuple[str, str]]:
+    """Stream (source, target) fields of source<TAB>target lines, not yet cleaned; lines without exactly
+    one tab are an error at the end (naming them), or skipped with a count."""
+    bad = []
     for number, text in decoded_lines(Path(path), on_decode_error):
         fields = text.split("\t")
         if len(fields) != 2:
             bad.append(number)
             continue
-        src.append(clean_line(fields[src_column]))
-        tgt.append(clean_line(fields[1 - src_column]))
+        yield fields[src_column], fields[1 - src_column]
     if bad:
         where = ", ".join(str(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if on_bad_line != "skip":
@@ -107,7 +126,15 @@ def read_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error", on
                 f"source<TAB>target. Fix those lines, or set data.on_bad_line=skip to drop them (counted in the log)."
             )
         log.warning("%s: skipped %d line(s) without exactly one tab (lines %s)", path, len(bad), where)
-    return ParallelText(src, tgt, name=str(path))
+
+
+def read_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error", on_bad_line: str = "error") -> ParallelText:
+    """Read source<TAB>target lines; a line without exactly one tab is an error (or a counted skip)."""
+    text = ParallelText([], [], name=str(path))
+    for src, tgt in iter_tsv(path, src_column, on_decode_error, on_bad_line):
+        text.src.append(clean_line(src))
+        text.tgt.append(clean_line(tgt))
+    return text
 
 
 def _check_file(path: Path) -> None:
@@ -121,6 +148,16 @@ def read_split(paths: SplitPaths, cfg: DataConfig) -> ParallelText:
     if paths.tsv is not None:
         return read_tsv(paths.tsv, paths.tsv_src_column, cfg.on_decode_error, cfg.on_bad_line)
     return read_parallel(paths.src, paths.tgt, cfg.on_decode_error)
+
+
+def count_lines(path: Path) -> int:
+    """Lines in a file (a last line without a newline counts), reading bytes in blocks."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 # --- named data sets -------------------------------------------------------------------------------
@@ -192,6 +229,56 @@ def load_splits(cfg: DataConfig, data_dir: Path, splits: tuple[str, ...] = ("tra
         loaded = load_tatoeba(cfg, data_dir)
         return {name: loaded[name] for name in splits}
     return {name: read_split(split_paths(cfg, data_dir, name), cfg) for name in splits}
+
+
+@dataclass
+class TrainingSource:
+    """The training split as a stream of raw (source, target) pairs that can be read again, with what
+    identifies it for the cache: its files and the settings that decide which pairs it yields."""
+
+    name: str
+    files: list[Path]
+    settings: dict
+    open_pairs: Callable[[], Iterator[tuple[str, str]]]
+    limit: int = 0  # data.train_limit: only the first pairs (0 = all)
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Raw pairs, not yet cleaned (clean_line each side); read from disk each time."""
+        pairs = self.open_pairs()
+        return islice(pairs, self.limit) if self.limit else pairs
+
+    def approximate_size(self) -> int:
+        """Pairs to expect, for progress bars: the first file's line count (cut to the limit)."""
+        lines = count_lines(self.files[0])
+        return min(lines, self.limit) if self.limit else lines
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+
+def training_source(cfg: DataConfig, data_dir: Path) -> TrainingSource:
+    """The configured training split as a stream (downloading a named data set first if needed)."""
+    settings = {"dataset": cfg.dataset, "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang,
+                "on_decode_error": cfg.on_decode_error, "on_bad_line": cfg.on_bad_line}
+    if cfg.dataset == "tatoeba":  # one small TSV, split by a hash of each pair: read whole
+        settings.update(tutorial_filter=cfg.tutorial_filter, heldout_fraction=cfg.heldout_fraction)
+        path = tatoeba_path(Path(data_dir))
+
+        def tatoeba_pairs() -> Iterator[tuple[str, str]]:
+            train = load_tatoeba(cfg, Path(data_dir))["train"]
+            return zip(train.src, train.tgt)
+
+        return TrainingSource(f"{path}:train", [path], settings, tatoeba_pairs, cfg.train_limit)
+    paths = split_paths(cfg, Path(data_dir), "train")
+    if paths.tsv is not None:
+        _check_file(paths.tsv)
+        return TrainingSource(str(paths.tsv), [paths.tsv], settings,
+                              lambda: iter_tsv(paths.tsv, paths.tsv_src_column, cfg.on_decode_error, cfg.on_bad_line),
+                              cfg.train_limit)
+    _check_file(paths.src)
+    _check_file(paths.tgt)
+    return TrainingSource(str(paths.src), [paths.src, paths.tgt], settings,
+                          lambda: iter_parallel(paths.src, paths.tgt, cfg.on_decode_error), cfg.train_limit)
 
 
 # --- cleaning ----------------------------------------------------------------------------------------

@@ -1,17 +1,29 @@
-"""From a data config to what the trainer needs: raw splits -> SentencePiece -> filtered, encoded training data."""
+"""From a data config to what the trainer needs: raw splits -> SentencePiece -> filtered, encoded training data.
+
+The training split is streamed, never held as text: one pass samples sentences for SentencePiece
+(when no model is cached), one pass encodes it into the memory-mapped cache (when no entry matches).
+A run that finds both in the cache reads no training text at all. Dev is small and read whole.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from nmt.config import DataConfig
+from nmt.data import cache
 from nmt.data.batching import EncodedCorpus
-from nmt.data.corpus import FilterReport, ParallelText, drop_empty, length_filter, load_splits
-from nmt.data.vocab import Vocab
+from nmt.data.corpus import FilterReport, ParallelText, TrainingSource, clean_line, load_splits, training_source
+from nmt.data.encode import encode_chunks, worker_count
+from nmt.data.vocab import SentenceSample, Vocab, model_files, train_vocab
 from nmt.errors import NMTError
 
 log = logging.getLogger(__name__)
@@ -20,41 +32,155 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainingData:
     vocab: Vocab
-    train: EncodedCorpus
+    train: EncodedCorpus  # memory-mapped from the cache
     val: ParallelText  # raw dev text: decoded for BLEU and encoded for the dev loss
     val_encoded: EncodedCorpus
 
     def token_counts(self, side: str) -> torch.Tensor:
         """How often each piece occurs in the training data: (V,) long."""
-        flat = self.train.src_flat if side == "src" else self.train.tgt_flat
-        return torch.bincount(torch.from_numpy(flat.astype("int64")), minlength=self.vocab.size(side))
+        return torch.from_numpy(self.train.token_counts(side, self.vocab.size(side)))
 
 
 def _limit(text: ParallelText, limit: int) -> ParallelText:
     return ParallelText(text.src[:limit], text.tgt[:limit], text.name) if limit else text
 
 
-def prepare_training_data(cfg: DataConfig, data_dir: Path, run_dir: Path, seed: int) -> TrainingData:
-    """Read train and val, build (or reuse) the vocabulary on train, encode and filter train."""
-    splits = load_splits(cfg, data_dir, ("train", "val"))
-    train_text, val_text = _limit(splits["train"], cfg.train_limit), _limit(splits["val"], cfg.val_limit)
-    report = FilterReport()
-    train_text = drop_empty(train_text, report)
-    if not len(train_text):
-        raise NMTError(f"The training data {splits['train'].name} has no pairs with text on both sides.")
-    vocab = Vocab.build(run_dir, train_text.src, train_text.tgt, cfg.vocab, seed)
-    src_ids, tgt_ids = vocab.encode(train_text.src, "src"), vocab.encode(train_text.tgt, "tgt")
-    keep = length_filter(src_ids, tgt_ids, cfg, report)
-    report.log(f"training data ({train_text.name})")
-    if not keep:
-        raise NMTError(
-            f"No training pairs are left after filtering {train_text.name} (data.min_len={cfg.min_len}, "
-            f"data.max_len={cfg.max_len}, data.max_len_ratio={cfg.max_len_ratio}). Loosen those limits."
-        )
-    train = EncodedCorpus.from_lists([src_ids[i] for i in keep], [tgt_ids[i] for i in keep])
+def prepare_training_data(cfg: DataConfig, data_dir: Path, run_dir: Path, seed: int,
+                          cache_dir: Path | None = None, progress: bool = True) -> TrainingData:
+    """Build (or reuse) the vocabulary on train, encode and filter train into the cache (or reuse it), read val."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache.cache_root(None, run_dir)
+    source = training_source(cfg, data_dir)
+    val_text = _limit(load_splits(cfg, data_dir, ("val",))["val"], cfg.val_limit)
+    vocab = cached_vocab(source, cfg, Path(run_dir), seed, cache_dir, progress)
+    train = cached_corpus(source, vocab, cfg, Path(run_dir), cache_dir, progress)
     if not len(val_text):
-        raise NMTError(f"The validation data {splits['val'].name} is empty; validation needs at least one pair.")
+        raise NMTError(f"The validation data {val_text.name} is empty; validation needs at least one pair.")
     # dev is never filtered; only its loss skips pairs with an empty side
     val_encoded = EncodedCorpus.from_lists(vocab.encode(val_text.src, "src"), vocab.encode(val_text.tgt, "tgt"))
     log.info("data: %d training pairs, %d validation pairs", len(train), len(val_text))
     return TrainingData(vocab, train, val_text, val_encoded)
+
+
+# --- the vocabulary ------------------------------------------------------------------------------------
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="pair", unit_scale=True, leave=False, dynamic_ncols=True,
+                disable=not progress)
+
+
+def sample_sentences(source: TrainingSource, cfg: DataConfig, seed: int, progress: bool) -> tuple[list[str], list[str]]:
+    """Cleaned sentences of each side for SentencePiece, pairs with an empty side left out: all of them
+    up to data.vocab.max_sentences a side, a seeded sample beyond."""
+    samples = [SentenceSample(cfg.vocab.max_sentences, seed), SentenceSample(cfg.vocab.max_sentences, seed + 1)]
+    with _bar(source.approximate_size(), "read for vocabulary", progress) as bar:
+        for src, tgt in source.pairs():
+            src, tgt = clean_line(src), clean_line(tgt)
+            if src and tgt:
+                samples[0].add(src)
+                samples[1].add(tgt)
+            bar.update()
+    if not samples[0].seen:
+        raise NMTError(f"The training data {source.name} has no pairs with text on both sides.")
+    return samples[0].sentences, samples[1].sentences
+
+
+def cached_vocab(source: TrainingSource, cfg: DataConfig, run_dir: Path, seed: int, cache_dir: Path,
+                 progress: bool = True) -> Vocab:
+    """The run's SentencePiece model(s): those already in the run directory (a resume), else a copy of
+    the cached ones, else trained on the training split, cached and copied."""
+    files = model_files(run_dir, cfg.vocab.joint)
+    if all(path.exists() for path in files.values()):
+        log.info("reusing SentencePiece model(s) in %s", run_dir)
+        return Vocab.load(run_dir, cfg.vocab.joint)
+    key = cache.entry_key({"kind": "vocab", "source": source.settings, "files": cache.file_identity(source.files),
+                           "limit": source.limit, "vocab": asdict(cfg.vocab), "seed": seed})
+    entry = cache_dir / f"vocab-{key}"
+    if cache.is_complete(entry):
+        log.info("reusing SentencePiece model(s) from cache %s", entry)
+    else:
+        src_text, tgt_text = sample_sentences(source, cfg, seed, progress)
+        with cache.building(entry) as folder:
+            train_vocab(folder, src_text, tgt_text, cfg.vocab, seed)
+            cache.write_meta(folder, {"format": cache.FORMAT, "source": source.name, "sentences": [len(src_text), len(tgt_text)]})
+        del src_text, tgt_text
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for cached in sorted(set(model_files(entry, cfg.vocab.joint).values())):
+        for suffix in (".model", ".vocab"):
+            _copy_atomically(cached.with_suffix(suffix), run_dir / cached.with_suffix(suffix).name)
+    vocab = Vocab.load(run_dir, cfg.vocab.joint)
+    log.info("SentencePiece %s: src %d pieces, tgt %d pieces (%s)", cfg.vocab.type, vocab.size("src"),
+             vocab.size("tgt"), "joint" if cfg.vocab.joint else "separate")
+    return vocab
+
+
+def _copy_atomically(src: Path, dst: Path) -> None:
+    if not src.exists():
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# --- the encoded training split ------------------------------------------------------------------------
+
+def cached_corpus(source: TrainingSource, vocab: Vocab, cfg: DataConfig, run_dir: Path, cache_dir: Path,
+                  progress: bool = True) -> EncodedCorpus:
+    """The training split, encoded and filtered, memory-mapped from the cache (encoded first if no entry matches)."""
+    files = model_files(run_dir, vocab.joint)
+    key = cache.entry_key({"kind": "train", "source": source.settings, "files": cache.file_identity(source.files),
+                           "limit": source.limit, "spm": sorted({cache.file_digest(p) for p in files.values()}),
+                           "filter": {"min_len": cfg.min_len, "max_len": cfg.max_len, "max_len_ratio": cfg.max_len_ratio}})
+    entry = cache_dir / f"train-{key}"
+    if cache.is_complete(entry):
+        try:
+            corpus, meta = cache.open_corpus(entry)
+        except (cache.CacheDamaged, OSError, ValueError, KeyError) as error:
+            log.warning("the cache entry %s is damaged (%s); encoding again", entry, error)
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            log.info("reusing cache %s (%d pairs, %.1f MB)", entry, meta["pairs"], cache.entry_size(entry) / 1e6)
+            _report(meta).log(f"training data ({source.name})")
+            return corpus
+    encode_into(entry, source, files, vocab, cfg, progress)
+    return cache.open_corpus(entry)[0]
+
+
+def encode_into(entry: Path, source: TrainingSource, files: dict[str, Path], vocab: Vocab, cfg: DataConfig,
+                progress: bool) -> None:
+    """Stream, encode and filter the training split into a new cache entry; logs what it dropped."""
+    workers = worker_count(cfg.encode_workers, source.total_bytes())
+    dtype = cache.ids_dtype(max(vocab.size("src"), vocab.size("tgt")))
+    started = time.monotonic()
+    read, dropped = 0, Counter()
+    with cache.building(entry) as folder, _bar(source.approximate_size(), "encode", progress) as bar:
+        writer = cache.CorpusWriter(folder, dtype)
+        try:
+            for chunk in encode_chunks(source.pairs(), files, cfg, dtype, workers):
+                writer.append(chunk.ids, chunk.lens)
+                read, dropped = read + chunk.read, dropped + chunk.dropped
+                bar.update(chunk.read)
+        finally:
+            writer.close()
+        report = FilterReport(writer.pairs, dropped)
+        _check_kept(report, read, source, cfg)
+        cache.write_meta(folder, {**writer.meta(), "read": read, "report": {"kept": report.kept, "dropped": dict(dropped)},
+                                  "source": source.name, "encode_seconds": round(time.monotonic() - started, 2),
+                                  "workers": workers})
+    log.info("encoded %d training pairs in %.1f s (%d process%s) into the cache %s (%.1f MB)", writer.pairs,
+             time.monotonic() - started, workers, "" if workers == 1 else "es", entry, cache.entry_size(entry) / 1e6)
+    report.log(f"training data ({source.name})")
+
+
+def _check_kept(report: FilterReport, read: int, source: TrainingSource, cfg: DataConfig) -> None:
+    if report.kept:
+        return
+    if read == report.dropped["empty"]:
+        raise NMTError(f"The training data {source.name} has no pairs with text on both sides.")
+    raise NMTError(
+        f"No training pairs are left after filtering {source.name} (data.min_len={cfg.min_len}, "
+        f"data.max_len={cfg.max_len}, data.max_len_ratio={cfg.max_len_ratio}). Loosen those limits."
+    )
+
+
+def _report(meta: dict) -> FilterReport:
+    return FilterReport(meta["report"]["kept"], Counter(meta["report"]["dropped"]))

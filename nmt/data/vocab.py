@@ -64,6 +64,35 @@ def train_sentencepiece(sentences: list[str], prefix: Path, cfg: VocabConfig, se
     return Path(f"{prefix}.model")
 
 
+def train_vocab(out_dir: Path, src_text: list[str], tgt_text: list[str], cfg: VocabConfig, seed: int) -> None:
+    """Train the model file(s) that `model_files(out_dir, cfg.joint)` names."""
+    files = model_files(out_dir, cfg.joint)
+    if cfg.joint:
+        train_sentencepiece(src_text + tgt_text, files["src"].with_suffix(""), cfg, seed)
+    else:
+        train_sentencepiece(src_text, files["src"].with_suffix(""), cfg, seed)
+        train_sentencepiece(tgt_text, files["tgt"].with_suffix(""), cfg, seed)
+
+
+class SentenceSample:
+    """At most `capacity` sentences of a stream of unknown length: every one, in order, while they
+    fit; beyond that a uniform sample (reservoir sampling, seeded). This bounds the memory that
+    vocabulary training needs, whatever the corpus size."""
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity, self.seen, self.sentences = capacity, 0, []
+        self.rng = random.Random(seed)
+
+    def add(self, sentence: str) -> None:
+        self.seen += 1
+        if len(self.sentences) < self.capacity:
+            self.sentences.append(sentence)
+            return
+        slot = self.rng.randrange(self.seen)
+        if slot < self.capacity:
+            self.sentences[slot] = sentence
+
+
 @dataclass
 class Vocab:
     """One SentencePiece processor per side (the same object twice when the vocabulary is joint)."""
@@ -88,11 +117,7 @@ class Vocab:
         if all(path.exists() for path in files.values()):
             log.info("reusing SentencePiece model(s) in %s", run_dir)
             return cls.load(run_dir, cfg.joint)
-        if cfg.joint:
-            train_sentencepiece(src_text + tgt_text, files["src"].with_suffix(""), cfg, seed)
-        else:
-            train_sentencepiece(src_text, files["src"].with_suffix(""), cfg, seed)
-            train_sentencepiece(tgt_text, files["tgt"].with_suffix(""), cfg, seed)
+        train_vocab(run_dir, src_text, tgt_text, cfg, seed)
         vocab = cls.load(run_dir, cfg.joint)
         log.info("SentencePiece %s: src %d pieces, tgt %d pieces (%s)", cfg.type, vocab.size("src"),
                  vocab.size("tgt"), "joint" if cfg.joint else "separate")

@@ -1,0 +1,111 @@
+"""Mixed precision and torch.compile for training, applied from the outside of the model.
+
+`trainer.precision=bf16|fp16` runs the forward pass under torch.autocast (matrix products and the
+GRUs in the lower precision, reductions and the loss in float32); the weights, the gradients and
+the optimizer stay float32. fp16's narrow range needs a gradient scaler: the loss is multiplied
+by a large factor before backward so that small gradients do not flush to zero, the gradients are
+divided by it again before clipping, and a step whose scaled gradients overflowed is skipped while
+the factor is halved. bf16 has float32's range and needs no scaler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nmt.errors import NMTError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """What `trainer.precision` means on one device: an autocast context and, for fp16, a GradScaler."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.dtype = DTYPES[name]
+        self.device_type = device.type
+        if self.dtype is not None and device.type not in ("cpu", "cuda"):
+            raise NMTError(f"trainer.precision={name} needs a CPU or CUDA device, not {device}; use trainer.precision=fp32.")
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise NMTError(f"trainer.precision=bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
+                           f"support; use trainer.precision=fp16 or fp32.")
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        if name == "fp16" and device.type == "cpu":
+            log.warning("trainer.precision=fp16 on the CPU works but is slow (most CPUs have no fp16 arithmetic); "
+                        "bf16 is the CPU's mixed precision")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring the gradients back to their true size (before clipping); no-op without a scaler."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+FP32 = Precision("fp32", torch.device("cpu"))
+
+
+def compile_decoder_step(model: nn.Module, compiler: Callable = torch.compile) -> bool:
+    """torch.compile the decoder's per-token step (attention + GRU gates), which runs T times per batch.
+
+    The step is where the time goes on short batches: many small kernels that compilation fuses.
+    Compiling the whole forward would unroll its Python loop over target positions and recompile
+    for every new target length. Returns False, with a warning, when compilation is unavailable;
+    a failure at the first call falls back to eager there (see `_with_fallback`).
+    """
+    decoder = model.decoder
+    step = getattr(decoder, "_advance", None)
+    if step is None:
+        log.warning("trainer.compile=true: this decoder has no _advance step to compile; running eagerly")
+        return False
+    try:
+        compiled = compiler(step, dynamic=True)
+    except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
+        log.warning("trainer.compile=true: torch.compile is unavailable (%s); running eagerly", _first_line(error))
+        return False
+    decoder._advance = _with_fallback(compiled, step)
+    return True
+
+
+def _with_fallback(compiled: Callable, eager: Callable) -> Callable:
+    """Call `compiled`; if compiling fails (no compiler, unsupported op), warn once and use `eager` from then on."""
+    state = {"fn": compiled, "checked": False}
+
+    def call(*args, **kwargs):
+        if state["checked"]:
+            return state["fn"](*args, **kwargs)
+        try:
+            out = state["fn"](*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - compile errors come in many types
+            log.warning("trainer.compile=true: compiling the decoder step failed (%s); running eagerly",
+                        _first_line(error))
+            state["fn"] = eager
+            out = eager(*args, **kwargs)
+        state["checked"] = True
+        return out
+
+    return call
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]

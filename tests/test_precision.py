@@ -1,0 +1,148 @@
+"""trainer.precision and trainer.compile: bf16 and fp16 steps on the CPU, the gradient scaler's skips
+versus real failures, clean config errors, and the compile fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST_DEBUG, run_cli
+from nmt.checkpoint import load_checkpoint
+from nmt.cli import main
+from nmt.config import ModelConfig, OptimConfig, TrainConfig
+from nmt.data.batching import EncodedCorpus, collate
+from nmt.model.seq2seq import build_model
+from nmt.precision import Precision, _with_fallback, compile_decoder_step
+from nmt.train import build_optimizer, train_step
+
+CPU = torch.device("cpu")
+
+
+def setup(precision: str):
+    cfg = TrainConfig(model=ModelConfig(embedding_dim=8, hidden_size=6, dropout=0.0), optim=OptimConfig(lr=0.01))
+    torch.manual_seed(3)
+    model = build_model(cfg.model, 30, 30)
+    rng = np.random.default_rng(1)
+    corpus = EncodedCorpus.from_lists([rng.integers(4, 30, size=n).tolist() for n in (3, 5, 4)],
+                                      [rng.integers(4, 30, size=n).tolist() for n in (4, 2, 6)])
+    return cfg, model, build_optimizer(model, cfg), collate(corpus, [0, 1, 2]), Precision(precision, CPU)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_a_mixed_precision_step_on_the_cpu_updates_float32_weights_with_a_finite_loss(name):
+    cfg, model, optimizer, batch, precision = setup(name)
+    before = weights(model)
+    result = train_step(model, batch, optimizer, cfg, CPU, precision=precision)
+    assert result.status == "ok" and np.isfinite(result.loss) and result.tokens == 15
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights alone
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the loss is close to fp32's on the same weights (bf16 keeps ~3 significant digits)
+    cfg, model, optimizer, batch, _ = setup("fp32")
+    reference = train_step(model, batch, optimizer, cfg, CPU)
+    assert result.loss == pytest.approx(reference.loss, rel=2e-2)
+
+
+def test_fp16_uses_a_gradient_scaler_and_bf16_does_not():
+    assert setup("fp16")[4].scaler is not None and setup("bf16")[4].scaler is None
+    assert setup("fp32")[4].scaler is None
+
+
+def test_an_fp16_overflow_is_the_scalers_business_not_a_failure():
+    cfg, model, optimizer, batch, precision = setup("fp16")
+    before = weights(model)
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # scaled gradients overflow
+    result = train_step(model, batch, optimizer, cfg, CPU, precision=precision)
+    assert result.status == "overflow" and not result.updated and np.isfinite(result.loss)
+    assert precision.scaler.get_scale() == 2.0 ** 126  # halved
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_non_finite_gradients_at_a_scale_of_one_are_a_real_failure():
+    cfg, model, optimizer, batch, precision = setup("fp16")
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    model.output.weight.register_hook(lambda grad: grad * float("inf"))
+    assert train_step(model, batch, optimizer, cfg, CPU, precision=precision).status == "nonfinite"
+
+
+def test_a_nan_loss_in_fp16_is_a_failure_and_leaves_the_scale_alone():
+    cfg, model, optimizer, batch, precision = setup("fp16")
+    model.output.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+    result = train_step(model, batch, optimizer, cfg, CPU, precision=precision)
+    assert result.status == "nonfinite"
+    assert precision.scaler.get_scale() == 2.0 ** 16
+    # the scaler's iteration was closed (unscale_ may run again): the next step runs
+    assert train_step(model, batch, optimizer, cfg, CPU, precision=precision).status == "nonfinite"
+
+
+@pytest.mark.parametrize("override, key", [("trainer.precision=fp8", "trainer.precision"),
+                                           ("trainer.precision=FP16", "trainer.precision"),
+                                           ("trainer.compile=maybe", "trainer.compile"),
+                                           ("trainer.dist_timeout=soon", "trainer.dist_timeout")])
+def test_bad_precision_or_compile_settings_are_clean_errors(override, key, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: pytest.fail("must not run"), [override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmt: error: ") and key in err and "Traceback" not in err
+    assert err.count("\n") == 1  # one paragraph
+
+
+def test_precision_error_names_the_choices_from_the_console_script():
+    out = run_cli("nmt-train", "trainer.precision=fp8")
+    assert out.returncode == 2
+    assert "nmt: error: trainer.precision='fp8' is not a valid choice; use one of: fp32, bf16, fp16." in out.stderr
+
+
+def test_compile_falls_back_to_eager_with_a_warning(caplog):
+    model = setup("fp32")[1]
+
+    def broken_compiler(fn, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    with caplog.at_level(logging.WARNING, logger="nmt"):
+        assert not compile_decoder_step(model, compiler=broken_compiler)
+    assert "torch.compile is unavailable (no compiler here); running eagerly" in caplog.text
+
+
+def test_a_compiled_step_that_fails_at_its_first_call_runs_eagerly(caplog):
+    def failing(*args):
+        raise RuntimeError("backend exploded")
+
+    step = _with_fallback(failing, lambda x: x + 1)
+    with caplog.at_level(logging.WARNING, logger="nmt"):
+        assert step(1) == 2 and step(2) == 3
+    assert caplog.text.count("running eagerly") == 1
+
+
+@pytest.mark.slow  # compiling takes a minute on a small CPU
+def test_a_compiled_decoder_step_trains_like_the_eager_one():
+    cfg, model, optimizer, batch, _ = setup("fp32")
+    eager = train_step(model, batch, optimizer, cfg, CPU)
+    eager_weights = weights(model)
+    cfg, model, optimizer, batch, _ = setup("fp32")
+    assert compile_decoder_step(model)
+    compiled = train_step(model, batch, optimizer, cfg, CPU)
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, eager_weights[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_nmt_train_in_mixed_precision(precision, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
+                  f"trainer.precision={precision}", "trainer.max_steps=2", "data.val_limit=5",
+                  "data.batch_tokens=600")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"precision {precision}" in out.stderr
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
+    assert last["train_state"]["step"] == 2
+    assert ("scale" in last["scaler"]) == (precision == "fp16")
