@@ -21,7 +21,6 @@ It writes JSON (--out) and prints a markdown table. --quick finishes within abou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import resource
@@ -37,6 +36,7 @@ from nmt.data.batching import EncodedCorpus, collate, epoch_batches
 from nmt.data.vocab import Vocab
 from nmt.decoding import translate_sentences
 from nmt.model.seq2seq import Seq2Seq, build_model
+from nmt.precision import Precision
 from nmt.run import load_trained
 from nmt.train import build_optimizer, train_step
 
@@ -116,27 +116,20 @@ def flops_per_target_token(cfg: ModelConfig, vocab_size: int, batches: list[tupl
 
 # --- training and decoding ---------------------------------------------------------------------------------------
 
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def measure_training(model: Seq2Seq, corpus: EncodedCorpus, batches: list[list[int]], cfg: TrainConfig,
                      device: torch.device, precision: str, warmup: int, steps: int) -> dict:
     optimizer = build_optimizer(model, cfg)
+    mixed = Precision(precision, device)  # trainer.precision: autocast (and a scaler for fp16)
     model.train()
     for indices in batches[:warmup]:
-        with autocast(precision, device):
-            train_step(model, collate(corpus, indices).to(device), optimizer, cfg)
+        train_step(model, collate(corpus, indices), optimizer, cfg, device, precision=mixed)
     tokens, losses = 0, []
     synchronize(device)
     started = time.perf_counter()
     for indices in batches[warmup:warmup + steps]:
-        with autocast(precision, device):
-            loss, count, _ = train_step(model, collate(corpus, indices).to(device), optimizer, cfg)
-        tokens += count
-        losses.append(loss)
+        result = train_step(model, collate(corpus, indices), optimizer, cfg, device, precision=mixed)
+        tokens += result.tokens
+        losses.append(result.loss)
     synchronize(device)
     seconds = time.perf_counter() - started
     return {"tgt_tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds,
