@@ -17,7 +17,7 @@ import sentencepiece as spm
 import torch
 import yaml
 
-from conftest import FAST_DEBUG, run_cli
+from conftest import FAST_DEBUG, run_cli, script_path
 from nmt.checkpoint import load_checkpoint
 from nmt.run import load_trained
 
@@ -147,7 +147,7 @@ def _read_until(stream, marker: str, timeout: float) -> str:
 
 def test_resume_after_sigint_equals_an_uninterrupted_run(uninterrupted, shared_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
+    args = [script_path("nmt-train"), *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
             "trainer.max_epochs=2"]
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
