@@ -14,6 +14,7 @@ from typing import ClassVar, List, Optional
 
 from nmt.errors import ConfigError
 
+VECTOR_FORMATS = ("auto", "word2vec_text", "glove", "word2vec_binary")
 INIT_SCHEMES = ("normal", "uniform", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 DATASETS = ("multi30k", "tatoeba", "files")
 SPLITS = ("train", "val", "test")
@@ -152,8 +153,11 @@ class EmbeddingConfig:
     max_norm: Optional[float] = None
     scale: bool = False  # multiply by sqrt(embedding_dim)
     freeze: str = "none"  # none | src | tgt | both
-    src_vectors: Optional[str] = None  # word2vec / GloVe / fastText text file
+    src_vectors: Optional[str] = None  # pretrained vectors: word2vec text or binary, GloVe, fastText .vec
     tgt_vectors: Optional[str] = None
+    vectors_format: str = "auto"  # auto | word2vec_text (fastText .vec too) | glove | word2vec_binary
+    vectors_lowercase: bool = False  # a piece may also take the vector of its word lowercased
+    vectors_subword_mean: bool = False  # pieces left without a vector: mean of the training words using them
 
     def __post_init__(self) -> None:
         check_choice("model.embeddings.init", self.init, INIT_SCHEMES)
@@ -165,6 +169,12 @@ class EmbeddingConfig:
             raise ConfigError(
                 "model.embeddings.max_norm rescales embedding rows in place during lookup, so frozen embeddings "
                 "would still change: unset model.embeddings.max_norm or set model.embeddings.freeze=none."
+            )
+        check_choice("model.embeddings.vectors_format", self.vectors_format, VECTOR_FORMATS)
+        if (self.vectors_lowercase or self.vectors_subword_mean) and not (self.src_vectors or self.tgt_vectors):
+            raise ConfigError(
+                "model.embeddings.vectors_lowercase and vectors_subword_mean change how pretrained vectors are "
+                "matched, but no vectors are loaded: set model.embeddings.src_vectors or tgt_vectors."
             )
 
 

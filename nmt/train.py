@@ -29,7 +29,7 @@ from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import Seq2Seq, build_model
-from nmt.model.vectors import load_pretrained_
+from nmt.model.vectors import load_pretrained_, training_words
 from nmt.plots import plot_training_curves
 from nmt.run import RunFiles, check_resumable, write_config
 from nmt.runtime import pick_device, seed_everything
@@ -66,7 +66,12 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> No
             continue
         module = model.src_embed if side == "src" else model.tgt_embed
         pieces = [data.vocab.side(side).id_to_piece(i) for i in range(data.vocab.size(side))]
-        coverage = load_pretrained_(module.weight, pieces, Path(path), SPECIAL_IDS, data.token_counts(side))
+        words = None
+        if emb.vectors_subword_mean:
+            words = training_words(getattr(data.train, f"{side}_flat"), getattr(data.train, f"{side}_offsets"),
+                                   pieces, SPECIAL_IDS)
+        coverage = load_pretrained_(module.weight, pieces, Path(path), SPECIAL_IDS, data.token_counts(side),
+                                    fmt=emb.vectors_format, lowercase=emb.vectors_lowercase, words=words)
         log.info("coverage: %s", coverage.line(side, Path(path)))
     if emb.freeze in ("src", "both"):
         model.src_embed.weight.requires_grad_(False)
