@@ -153,6 +153,8 @@ class EmbeddingConfig:
     max_norm: Optional[float] = None
     scale: bool = False  # multiply by sqrt(embedding_dim)
     freeze: str = "none"  # none | src | tgt | both
+    unfreeze_after: int = 0  # steps; the frozen side(s) join the optimizer after this many updates (0 = never)
+    sparse: bool = False  # sparse gradients for the embedding tables, updated by SparseAdam's lazy rule
     src_vectors: Optional[str] = None  # pretrained vectors: word2vec text or binary, GloVe, fastText .vec
     tgt_vectors: Optional[str] = None
     vectors_format: str = "auto"  # auto | word2vec_text (fastText .vec too) | glove | word2vec_binary
@@ -169,6 +171,12 @@ class EmbeddingConfig:
             raise ConfigError(
                 "model.embeddings.max_norm rescales embedding rows in place during lookup, so frozen embeddings "
                 "would still change: unset model.embeddings.max_norm or set model.embeddings.freeze=none."
+            )
+        check_non_negative("model.embeddings.unfreeze_after", self.unfreeze_after)
+        if self.unfreeze_after and self.freeze == "none":
+            raise ConfigError(
+                f"model.embeddings.unfreeze_after={self.unfreeze_after} unfreezes frozen embeddings, but "
+                f"model.embeddings.freeze=none: set freeze to src, tgt or both, or unfreeze_after=0."
             )
         check_choice("model.embeddings.vectors_format", self.vectors_format, VECTOR_FORMATS)
         if (self.vectors_lowercase or self.vectors_subword_mean) and not (self.src_vectors or self.tgt_vectors):
@@ -187,7 +195,11 @@ class ModelConfig:
     decoder_layers: int = 1
     dropout: float = 0.2  # on embeddings, encoder outputs and the output layer
     rnn_dropout: float = 0.0  # between stacked GRU layers
-    tie_embeddings: bool = False  # share the target embedding with the output projection
+    # Tying. The output layer reads a pre-output of size E, so its (V, E) matrix always fits the target
+    # embedding. tie_embeddings shares that matrix with the target embedding; tie_src_tgt shares the
+    # source embedding with the target one (a joint vocabulary); both together are three-way tying.
+    tie_embeddings: bool = False
+    tie_src_tgt: bool = False
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def __post_init__(self) -> None:
@@ -199,6 +211,24 @@ class ModelConfig:
         check_positive("model.decoder_layers", self.decoder_layers)
         check_probability("model.dropout", self.dropout)
         check_probability("model.rnn_dropout", self.rnn_dropout)
+        emb = self.embeddings
+        if self.tie_src_tgt and emb.freeze in ("src", "tgt"):
+            raise ConfigError(
+                f"model.tie_src_tgt=true makes the source and target embeddings one matrix, so "
+                f"model.embeddings.freeze={emb.freeze} cannot freeze one side only: use none or both."
+            )
+        if self.tie_src_tgt and emb.src_vectors and emb.tgt_vectors and emb.src_vectors != emb.tgt_vectors:
+            raise ConfigError(
+                f"model.tie_src_tgt=true shares one embedding matrix between source and target, but "
+                f"model.embeddings.src_vectors={emb.src_vectors} and tgt_vectors={emb.tgt_vectors} differ: "
+                f"give one file (src_vectors) or the same file for both."
+            )
+        if emb.sparse and self.tie_embeddings:
+            raise ConfigError(
+                "model.embeddings.sparse=true needs embedding tables with row-sparse gradients, but "
+                "model.tie_embeddings=true makes the target table the output layer too, whose gradient is "
+                "dense: set one of them to false."
+            )
 
 
 @dataclass
@@ -294,6 +324,17 @@ class TrainConfig:
                 "model.tie_embeddings=true shares the target embedding with the output layer, so it cannot "
                 "be frozen: set model.embeddings.freeze to none or src, or model.tie_embeddings=false."
             )
+        if self.model.tie_src_tgt and not self.data.vocab.joint:
+            raise ConfigError(
+                "model.tie_src_tgt=true shares one embedding matrix between source and target, which needs one "
+                "vocabulary for both: set data.vocab.joint=true, or model.tie_src_tgt=false."
+            )
+        if self.model.embeddings.sparse and self.optim.weight_decay:
+            raise ConfigError(
+                f"model.embeddings.sparse=true updates the embeddings with SparseAdam, which has no weight decay, "
+                f"but optim.weight_decay={self.optim.weight_decay}: set optim.weight_decay=0 or "
+                f"model.embeddings.sparse=false."
+            )
 
 
 @dataclass
@@ -363,3 +404,4 @@ class TranslateConfig:
     run: str = "???"
     device: str = "auto"
     translate: TranslateOptions = field(default_factory=TranslateOptions)
+

@@ -30,6 +30,7 @@ from nmt.decoding import translate_sentences
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import load_pretrained_, training_words
+from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_training_curves
 from nmt.run import RunFiles, check_resumable, write_config
 from nmt.runtime import pick_device, seed_everything
@@ -62,8 +63,8 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> No
     """Load pretrained vectors (logging coverage) and freeze the chosen sides."""
     emb = cfg.model.embeddings
     for side, path in (("src", emb.src_vectors), ("tgt", emb.tgt_vectors)):
-        if path is None:
-            continue
+        if path is None or (side == "tgt" and cfg.model.tie_src_tgt and path == emb.src_vectors):
+            continue  # (tied: the one shared matrix is loaded already)
         module = model.src_embed if side == "src" else model.tgt_embed
         pieces = [data.vocab.side(side).id_to_piece(i) for i in range(data.vocab.size(side))]
         words = None
@@ -81,8 +82,7 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> No
 
 def build_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Frozen parameters are left out, so they have no optimizer state and no weight decay.
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    return build_adam(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, cfg.model.embeddings.sparse)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
@@ -118,7 +118,7 @@ def train_step(model: Seq2Seq, batch: Batch, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm)
     value = loss.item()
     if not (math.isfinite(value) and math.isfinite(float(grad_norm))):
         optimizer.zero_grad(set_to_none=True)
@@ -199,6 +199,7 @@ class Trainer:
 
     def resume(self) -> None:
         checkpoint, path = load_latest(self.files.checkpoint("last"), map_location=self.device)
+        self.unfreeze_if_due(checkpoint["train_state"]["step"])  # so the optimizer has the groups it saved
         self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler)
         self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
         drop_metrics_after(self.files.metrics, self.state.step)
@@ -271,6 +272,7 @@ class Trainer:
             state.step += 1
             state.batch_in_epoch += 1
             state.elapsed = time.monotonic() - started
+            self.unfreeze_if_due(state.step)
             window_tokens += tokens
             loss_sum, loss_count = loss_sum + loss, loss_count + 1
             speed = window_tokens / max(1e-9, time.monotonic() - window_start)
@@ -309,6 +311,12 @@ class Trainer:
                 f"are untouched. Try a lower learning rate (optim.lr={self.cfg.optim.lr:g} now) or a smaller "
                 f"optim.clip_grad_norm, then resume with trainer.resume=true or start a new run."
             )
+
+    def unfreeze_if_due(self, step: int) -> None:
+        """model.embeddings.unfreeze_after=N: the frozen embeddings join the optimizer after update N."""
+        after = self.cfg.model.embeddings.unfreeze_after
+        if after and step >= after and unfreeze_embeddings(self.model, self.optimizer, self.scheduler):
+            log.info("step %d: embeddings unfrozen (model.embeddings.unfreeze_after=%d)", step, after)
 
     def limit_reached(self, max_seconds: float | None) -> str:
         cfg, state = self.cfg.trainer, self.state
