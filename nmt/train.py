@@ -28,10 +28,11 @@ from nmt.data.pipeline import TrainingData, prepare_training_data
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.errors import Interrupted, NMTError
+from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import load_pretrained_, training_words
 from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
-from nmt.plots import plot_training_curves
+from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.run import RunFiles, check_resumable, write_config
 from nmt.runtime import pick_device, seed_everything
 
@@ -188,6 +189,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = TrainState()
+        self.drift = EmbeddingDrift(files.checkpoint("step0"),
+                                    {side: self.data.token_counts(side) for side in ("src", "tgt")})
         self.epoch_size = 0  # batches in the current epoch
         self.interrupted = 0  # the signal that asked us to stop, if any
         params = sum(p.numel() for p in self.model.parameters())
@@ -346,6 +349,8 @@ class Trainer:
                  metrics["example"][:80])
         self.log_metrics({"kind": "val", "step": state.step, "epoch": round(epoch, 4), "lr": self.lr,
                           "elapsed": state.elapsed, **{k: v for k, v in metrics.items() if k != "example"}})
+        self.log_metrics(self.drift.measure(self.model, state.step))
+        plot_embedding_drift(self.files.metrics, self.files.run_dir / "embedding_drift.png")
         if improved:
             self.save("best")
         self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
