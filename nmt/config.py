@@ -405,3 +405,28 @@ class TranslateConfig:
     device: str = "auto"
     translate: TranslateOptions = field(default_factory=TranslateOptions)
 
+
+@dataclass
+class InspectConfig:
+    """nmt-embeddings: look into the embedding tables of a trained run."""
+
+    run: str = "???"
+    checkpoint: str = "best"  # best | last | step0, or a path to a .pt file
+    side: str = "src"  # src | tgt
+    query: Optional[str] = None  # a word or phrase (its pieces' vectors averaged), or a piece such as ▁Hund
+    analogy: Optional[str] = None  # vector arithmetic, e.g. 'König - Mann + Frau'
+    k: int = 10  # neighbours to print
+    export: Optional[str] = None  # write the side's vectors to this file, word2vec text format
+    plot: Optional[str] = None  # draw a 2-D PCA map of the most frequent pieces to this PNG
+    plot_pieces: int = 100  # how many of the most frequent training pieces the map shows
+    data_dir: Optional[str] = None  # where the run's data set lives (plot counts pieces); default: the run's
+
+    def __post_init__(self) -> None:
+        check_choice("side", self.side, ("src", "tgt"))
+        check_positive("k", self.k)
+        if self.plot_pieces < 2:
+            raise ConfigError(f"plot_pieces must be at least 2, got {self.plot_pieces}.")
+        if not any((self.query, self.analogy, self.export, self.plot)):
+            raise ConfigError(
+                "Nothing to do: add query=WORD, analogy='a - b + c', export=FILE (word2vec text) or plot=FILE.png."
+            )

@@ -1,4 +1,4 @@
-"""Figures: training curves, embedding drift and attention heatmaps."""
+"""Figures: training curves, embedding drift, embedding maps and attention heatmaps."""
 
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ def plot_embedding_drift(metrics: Path | dict[str, Path], out_path: Path) -> Non
     axes[2].set(xlabel="step", ylabel="rows", title="rows never changed (pad excluded)")
     for ax in axes:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, plt, out_path)
+
+
+def plot_embedding_map(points, labels: list[str], out_path: Path, title: str) -> None:
+    """A labelled scatter of 2-D points (N, 2), e.g. a PCA projection of embedding rows."""
+    plt = _pyplot()
+    points = points.detach().float().cpu().numpy() if hasattr(points, "detach") else points
+    fig, ax = plt.subplots(figsize=(11, 9))
+    ax.scatter(points[:, 0], points[:, 1], s=8, color="tab:blue", alpha=0.6)
+    for (x, y), label in zip(points, labels):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set(title=title, xlabel="principal component 1", ylabel="principal component 2")
     fig.tight_layout()
     _save(fig, plt, out_path)
 
