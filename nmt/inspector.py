@@ -169,10 +169,10 @@ def plot_map(table: EmbeddingTable, counts: torch.Tensor, count: int, path: Path
     _, singular, components = torch.linalg.svd(centred, full_matrices=False)
     points = centred @ components[:2].T  # (N, 2)
     explained = float((singular[:2] ** 2).sum() / (singular ** 2).sum())
-    title = (f"{table.side} embeddings ({where}): the {len(top)} most frequent pieces, first two principal "
-             f"components ({100 * explained:.0f}% of the variance)")
+    title = (f"{table.side} embeddings ({where}): the {len(top)} most frequent pieces,\n"
+             f"first two principal components ({100 * explained:.0f}% of the variance)")
     plot_embedding_map(points, [table.processor.id_to_piece(i) for i in top], path, title)
-    print(f"wrote {path}: {title}")
+    print(f"wrote {path}: {title.replace(chr(10), ' ')}")
 
 
 def inspect_embeddings(cfg: InspectConfig, cfg_dict: dict | None = None) -> None:
