@@ -1,4 +1,4 @@
-"""The console scripts nmt-train, nmt-evaluate and nmt-translate.
+"""The console scripts nmt-train, nmt-evaluate, nmt-translate and nmt-embeddings.
 
 Each composes its Hydra config (`configs/<name>.yaml` against the schemas in nmt.config) from
 `key=value` overrides, turns it into dataclasses, and calls one function. A user's mistake (a bad
@@ -20,10 +20,11 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nmt.config import EvaluateConfig, TrainConfig, TranslateConfig
+from nmt.config import EvaluateConfig, InspectConfig, TrainConfig, TranslateConfig
 from nmt.errors import NMTError
 
-SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig}
+SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig,
+           "embeddings": InspectConfig}
 EXIT_USER_ERROR = 2
 
 USAGE = """usage: nmt-{name} [key=value ...] [--cfg] [--help]
@@ -33,6 +34,7 @@ Settings are Hydra overrides, e.g.
   nmt-train model.hidden_size=256 trainer.max_time=30m
   nmt-evaluate run=runs/debug eval.beam_size=5
   nmt-translate run=runs/debug < input.txt > output.txt
+  nmt-embeddings run=runs/debug query=Hund side=src k=10 checkpoint=step0
 --cfg prints the composed config and exits. Config groups: {groups}
 """
 
@@ -66,6 +68,12 @@ def _describe_config_error(error: Exception) -> str:
     converted = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
     if converted and key:
         return f"Wrong type for {key}: {converted.group(1)!r} is not a valid {converted.group(2).lower()}."
+    unparsed = re.search(r"LexerNoViableAltException: (\S+)|Error parsing override '([^']*)'", text)
+    if unparsed:
+        override = unparsed.group(1) or unparsed.group(2)
+        key = override.split("=", 1)[0]
+        return (f"Could not read the override {override!r}: quote a value that holds characters such as \u2581, "
+                f"brackets or signs, e.g. {key}='...' inside double quotes on the shell.")
     missing_option = re.search(r"Could not find '([^']+)'\s+Available options in '([^']+)':\s*(.*?)\s*Config search path", text, re.S)
     if missing_option:
         options = ", ".join(missing_option.group(3).split())
@@ -154,3 +162,20 @@ def translate() -> None:
     from nmt.translate import translate as run_translation
 
     main("translate", run_translation)
+
+
+def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """key=Männer -> key='Männer' for free-text keys, so that Hydra's override grammar takes any word."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            arg = f"{key}='" + value.replace("'", "\\'") + "'"
+        quoted.append(arg)
+    return quoted
+
+
+def embeddings() -> None:
+    from nmt.inspector import inspect_embeddings
+
+    main("embeddings", inspect_embeddings, quote_free_text(sys.argv[1:], ("query", "analogy")))

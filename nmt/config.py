@@ -14,6 +14,7 @@ from typing import ClassVar, List, Optional
 
 from nmt.errors import ConfigError
 
+VECTOR_FORMATS = ("auto", "word2vec_text", "glove", "word2vec_binary")
 INIT_SCHEMES = ("normal", "uniform", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 DATASETS = ("multi30k", "tatoeba", "files")
 SPLITS = ("train", "val", "test")
@@ -157,8 +158,13 @@ class EmbeddingConfig:
     max_norm: Optional[float] = None
     scale: bool = False  # multiply by sqrt(embedding_dim)
     freeze: str = "none"  # none | src | tgt | both
-    src_vectors: Optional[str] = None  # word2vec / GloVe / fastText text file
+    unfreeze_after: int = 0  # steps; the frozen side(s) join the optimizer after this many updates (0 = never)
+    sparse: bool = False  # sparse gradients for the embedding tables, updated by SparseAdam's lazy rule
+    src_vectors: Optional[str] = None  # pretrained vectors: word2vec text or binary, GloVe, fastText .vec
     tgt_vectors: Optional[str] = None
+    vectors_format: str = "auto"  # auto | word2vec_text (fastText .vec too) | glove | word2vec_binary
+    vectors_lowercase: bool = False  # a piece may also take the vector of its word lowercased
+    vectors_subword_mean: bool = False  # pieces left without a vector: mean of the training words using them
 
     def __post_init__(self) -> None:
         check_choice("model.embeddings.init", self.init, INIT_SCHEMES)
@@ -171,6 +177,18 @@ class EmbeddingConfig:
                 "model.embeddings.max_norm rescales embedding rows in place during lookup, so frozen embeddings "
                 "would still change: unset model.embeddings.max_norm or set model.embeddings.freeze=none."
             )
+        check_non_negative("model.embeddings.unfreeze_after", self.unfreeze_after)
+        if self.unfreeze_after and self.freeze == "none":
+            raise ConfigError(
+                f"model.embeddings.unfreeze_after={self.unfreeze_after} unfreezes frozen embeddings, but "
+                f"model.embeddings.freeze=none: set freeze to src, tgt or both, or unfreeze_after=0."
+            )
+        check_choice("model.embeddings.vectors_format", self.vectors_format, VECTOR_FORMATS)
+        if (self.vectors_lowercase or self.vectors_subword_mean) and not (self.src_vectors or self.tgt_vectors):
+            raise ConfigError(
+                "model.embeddings.vectors_lowercase and vectors_subword_mean change how pretrained vectors are "
+                "matched, but no vectors are loaded: set model.embeddings.src_vectors or tgt_vectors."
+            )
 
 
 @dataclass
@@ -182,7 +200,11 @@ class ModelConfig:
     decoder_layers: int = 1
     dropout: float = 0.2  # on embeddings, encoder outputs and the output layer
     rnn_dropout: float = 0.0  # between stacked GRU layers
-    tie_embeddings: bool = False  # share the target embedding with the output projection
+    # Tying. The output layer reads a pre-output of size E, so its (V, E) matrix always fits the target
+    # embedding. tie_embeddings shares that matrix with the target embedding; tie_src_tgt shares the
+    # source embedding with the target one (a joint vocabulary); both together are three-way tying.
+    tie_embeddings: bool = False
+    tie_src_tgt: bool = False
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def __post_init__(self) -> None:
@@ -194,6 +216,24 @@ class ModelConfig:
         check_positive("model.decoder_layers", self.decoder_layers)
         check_probability("model.dropout", self.dropout)
         check_probability("model.rnn_dropout", self.rnn_dropout)
+        emb = self.embeddings
+        if self.tie_src_tgt and emb.freeze in ("src", "tgt"):
+            raise ConfigError(
+                f"model.tie_src_tgt=true makes the source and target embeddings one matrix, so "
+                f"model.embeddings.freeze={emb.freeze} cannot freeze one side only: use none or both."
+            )
+        if self.tie_src_tgt and emb.src_vectors and emb.tgt_vectors and emb.src_vectors != emb.tgt_vectors:
+            raise ConfigError(
+                f"model.tie_src_tgt=true shares one embedding matrix between source and target, but "
+                f"model.embeddings.src_vectors={emb.src_vectors} and tgt_vectors={emb.tgt_vectors} differ: "
+                f"give one file (src_vectors) or the same file for both."
+            )
+        if emb.sparse and self.tie_embeddings:
+            raise ConfigError(
+                "model.embeddings.sparse=true needs embedding tables with row-sparse gradients, but "
+                "model.tie_embeddings=true makes the target table the output layer too, whose gradient is "
+                "dense: set one of them to false."
+            )
 
 
 @dataclass
@@ -300,6 +340,17 @@ class TrainConfig:
                 "model.tie_embeddings=true shares the target embedding with the output layer, so it cannot "
                 "be frozen: set model.embeddings.freeze to none or src, or model.tie_embeddings=false."
             )
+        if self.model.tie_src_tgt and not self.data.vocab.joint:
+            raise ConfigError(
+                "model.tie_src_tgt=true shares one embedding matrix between source and target, which needs one "
+                "vocabulary for both: set data.vocab.joint=true, or model.tie_src_tgt=false."
+            )
+        if self.model.embeddings.sparse and self.optim.weight_decay:
+            raise ConfigError(
+                f"model.embeddings.sparse=true updates the embeddings with SparseAdam, which has no weight decay, "
+                f"but optim.weight_decay={self.optim.weight_decay}: set optim.weight_decay=0 or "
+                f"model.embeddings.sparse=false."
+            )
 
 
 @dataclass
@@ -369,3 +420,29 @@ class TranslateConfig:
     run: str = "???"
     device: str = "auto"
     translate: TranslateOptions = field(default_factory=TranslateOptions)
+
+
+@dataclass
+class InspectConfig:
+    """nmt-embeddings: look into the embedding tables of a trained run."""
+
+    run: str = "???"
+    checkpoint: str = "best"  # best | last | step0, or a path to a .pt file
+    side: str = "src"  # src | tgt
+    query: Optional[str] = None  # a word or phrase (its pieces' vectors averaged), or a piece such as ▁Hund
+    analogy: Optional[str] = None  # vector arithmetic, e.g. 'König - Mann + Frau'
+    k: int = 10  # neighbours to print
+    export: Optional[str] = None  # write the side's vectors to this file, word2vec text format
+    plot: Optional[str] = None  # draw a 2-D PCA map of the most frequent pieces to this PNG
+    plot_pieces: int = 100  # how many of the most frequent training pieces the map shows
+    data_dir: Optional[str] = None  # where the run's data set lives (plot counts pieces); default: the run's
+
+    def __post_init__(self) -> None:
+        check_choice("side", self.side, ("src", "tgt"))
+        check_positive("k", self.k)
+        if self.plot_pieces < 2:
+            raise ConfigError(f"plot_pieces must be at least 2, got {self.plot_pieces}.")
+        if not any((self.query, self.analogy, self.export, self.plot)):
+            raise ConfigError(
+                "Nothing to do: add query=WORD, analogy='a - b + c', export=FILE (word2vec text) or plot=FILE.png."
+            )

@@ -1,4 +1,4 @@
-"""Figures: training curves (attention heatmaps and embedding views live here too)."""
+"""Figures: training curves, embedding drift, embedding maps and attention heatmaps."""
 
 from __future__ import annotations
 
@@ -42,6 +42,56 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out_path)
+
+
+def _save(fig, plt, out_path: Path) -> None:
+    """Write a figure atomically (a reader never sees half a PNG) and close it."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_path)
+
+
+def plot_embedding_drift(metrics: Path | dict[str, Path], out_path: Path) -> None:
+    """The "embeddings" records of one run's metrics.jsonl (or of several, {label: path}) against steps:
+    mean L2 distance from step 0, share of rows moved, and rows never changed, per side."""
+    runs = metrics if isinstance(metrics, dict) else {"": metrics}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    styles = {"src": "o-", "tgt": "s--"}
+    for number, (label, path) in enumerate(runs.items()):
+        records = [r for r in read_metrics(path) if r["kind"] == "embeddings"]
+        if not records:
+            continue
+        steps = [0] + [r["step"] for r in records]  # at step 0 nothing has moved, by definition
+        for side in ("src", "tgt"):
+            name, rows = f"{label} {side}".strip(), records[0][side]["rows"]
+            style = {"color": f"C{number}" if len(runs) > 1 else None, "label": name}
+            axes[0].plot(steps, [0.0] + [r[side]["mean_l2"] for r in records], styles[side], **style)
+            axes[1].plot(steps, [0.0] + [100 * r[side]["moved_share"] for r in records], styles[side], **style)
+            axes[2].plot(steps, [rows] + [r[side]["unchanged_rows"] for r in records], styles[side], **style)
+    axes[0].set(xlabel="step", ylabel="mean L2 distance of rows from step 0", title="how far rows moved")
+    axes[1].set(xlabel="step", ylabel="% of rows", title="rows that moved at all")
+    axes[2].set(xlabel="step", ylabel="rows", title="rows never changed (pad excluded)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, plt, out_path)
+
+
+def plot_embedding_map(points, labels: list[str], out_path: Path, title: str) -> None:
+    """A labelled scatter of 2-D points (N, 2), e.g. a PCA projection of embedding rows."""
+    plt = _pyplot()
+    points = points.detach().float().cpu().numpy() if hasattr(points, "detach") else points
+    fig, ax = plt.subplots(figsize=(11, 9))
+    ax.scatter(points[:, 0], points[:, 1], s=8, color="tab:blue", alpha=0.6)
+    for (x, y), label in zip(points, labels):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set(title=title, xlabel="principal component 1", ylabel="principal component 2")
+    fig.tight_layout()
+    _save(fig, plt, out_path)
 
 
 def plot_attention(src_pieces: list[str], tgt_pieces: list[str], weights, out_path: Path) -> None:

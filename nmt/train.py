@@ -36,9 +36,11 @@ from nmt.decoding import translate_sentences
 from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
 from nmt.errors import Diverged, Interrupted
 from nmt.loss import cross_entropy_sum
+from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
-from nmt.model.vectors import load_pretrained_
-from nmt.plots import plot_training_curves
+from nmt.model.vectors import load_pretrained_, training_words
+from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
+from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
 from nmt.run import RunFiles, check_resumable, write_config
 from nmt.runtime import pick_device, seed_everything
@@ -73,11 +75,16 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> No
     """Load pretrained vectors (logging coverage) and freeze the chosen sides."""
     emb = cfg.model.embeddings
     for side, path in (("src", emb.src_vectors), ("tgt", emb.tgt_vectors)):
-        if path is None:
-            continue
+        if path is None or (side == "tgt" and cfg.model.tie_src_tgt and path == emb.src_vectors):
+            continue  # (tied: the one shared matrix is loaded already)
         module = model.src_embed if side == "src" else model.tgt_embed
         pieces = [data.vocab.side(side).id_to_piece(i) for i in range(data.vocab.size(side))]
-        coverage = load_pretrained_(module.weight, pieces, Path(path), SPECIAL_IDS, data.token_counts(side))
+        words = None
+        if emb.vectors_subword_mean:
+            words = training_words(getattr(data.train, f"{side}_flat"), getattr(data.train, f"{side}_offsets"),
+                                   pieces, SPECIAL_IDS)
+        coverage = load_pretrained_(module.weight, pieces, Path(path), SPECIAL_IDS, data.token_counts(side),
+                                    fmt=emb.vectors_format, lowercase=emb.vectors_lowercase, words=words)
         log.info("coverage: %s", coverage.line(side, Path(path)))
     if emb.freeze in ("src", "both"):
         model.src_embed.weight.requires_grad_(False)
@@ -87,11 +94,7 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> No
 
 def build_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Frozen parameters are left out, so they have no optimizer state and no weight decay.
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The fused kernel updates all parameters in one pass (CPU and CUDA alike), where the default
-    # implementation makes several passes per tensor.
-    return torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                            fused=True)
+    return build_adam(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, cfg.model.embeddings.sparse)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
@@ -150,7 +153,7 @@ def train_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Opti
     precision.backward(loss_sum * dist.world_size / tokens)
     precision.unscale_(optimizer)
     max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm)
     local_loss = float(loss_sum.detach())
     loss_total, bad_losses = dist.sum([local_loss, 0.0 if math.isfinite(local_loss) else 1.0])
     result = StepResult(loss_total / tokens, tokens, "ok")
@@ -264,6 +267,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.precision = Precision(cfg.trainer.precision, self.device)
         self.state = TrainState(world_size=self.dist.world_size)
+        self.drift = EmbeddingDrift(files.checkpoint("step0"),
+                                    {side: self.data.token_counts(side) for side in ("src", "tgt")})
         self.epoch_size = 0  # batches in the current epoch
         self.interrupted = 0  # the signal that asked us (or, under torchrun, any rank) to stop, if any
         self.signalled = False  # whether this process itself received SIGINT or SIGTERM
@@ -285,6 +290,7 @@ class Trainer:
     def resume(self) -> None:
         # on the CPU first: RNG states must stay there; load_state_dict moves the rest to the model's device
         checkpoint, path = load_latest(self.files.checkpoint("last"), map_location="cpu")
+        self.unfreeze_if_due(checkpoint["train_state"]["step"])  # so the optimizer has the groups it saved
         self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler, self.dist)
         self.precision.load_state_dict(checkpoint.get("scaler", {}))
         self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
@@ -374,6 +380,7 @@ class Trainer:
             position = state.batch_in_epoch
             state.batch_in_epoch = advance(position, len(batches), dist.world_size)
             state.elapsed = time.monotonic() - started
+            self.unfreeze_if_due(state.step)
             window_tokens += result.tokens
             loss_sum, loss_count = loss_sum + result.loss, loss_count + 1
             speed = window_tokens / max(1e-9, time.monotonic() - window_start)
@@ -426,6 +433,12 @@ class Trainer:
                 f"optim.clip_grad_norm{precision}, then resume with trainer.resume=true or start a new run."
             )
 
+    def unfreeze_if_due(self, step: int) -> None:
+        """model.embeddings.unfreeze_after=N: the frozen embeddings join the optimizer after update N."""
+        after = self.cfg.model.embeddings.unfreeze_after
+        if after and step >= after and unfreeze_embeddings(self.model, self.optimizer, self.scheduler):
+            log.info("step %d: embeddings unfrozen (model.embeddings.unfreeze_after=%d)", step, after)
+
     def limit_reached(self, max_seconds: float | None) -> str:
         """Why to stop after this step, or "". Every rank gets the same answer (and learns of a signal
         that reached another rank), so all stop at the same step."""
@@ -461,6 +474,9 @@ class Trainer:
                  metrics["example"][:80])
         self.log_metrics({"kind": "val", "step": state.step, "epoch": round(epoch, 4), "lr": self.lr,
                           "elapsed": state.elapsed, **{k: v for k, v in metrics.items() if k != "example"}})
+        if self.dist.is_main:  # step0.pt is rank 0's to read, as metrics.jsonl is its to write
+            self.log_metrics(self.drift.measure(self.model, state.step))
+            plot_embedding_drift(self.files.metrics, self.files.run_dir / "embedding_drift.png")
         if improved:
             self.save("best")
         self.save("last")  # last: written after best, so a resume never lacks a best checkpoint

@@ -108,9 +108,19 @@ def tiny_corpus(tmp_path: Path) -> dict:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a console script (nmt-train, ...) and capture its text output."""
+    """Run a console script (nmt-train, ...) and capture its text output.
+
+    The script beside the running Python is preferred, so `.venv/bin/python -m pytest` tests this
+    checkout's install even when another install's nmt-train comes first on PATH.
+    """
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([script_path(args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def script_path(name: str) -> str:
+    """A console script of the environment running the tests (beside sys.executable), else `name` on PATH."""
+    script = Path(sys.executable).parent / name
+    return str(script) if script.is_file() else name
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,51 @@ def test_overrides_are_checked_before_any_work(override, key, capsys):
     assert key in err and err.startswith("nmt: error:") and len(err.strip().splitlines()) == 1
 
 
+EMBEDDING_COMBINATIONS = [
+    # (overrides, None when allowed, else words the one-line message must hold)
+    (["model.tie_embeddings=true", "model.tie_src_tgt=true"], None),  # three-way tying, joint vocabulary
+    (["model.tie_src_tgt=true", "data.vocab.joint=false"], ["model.tie_src_tgt", "data.vocab.joint"]),
+    (["model.tie_src_tgt=true", "model.embeddings.freeze=src"], ["model.tie_src_tgt", "freeze=src", "none or both"]),
+    (["model.tie_src_tgt=true", "model.embeddings.freeze=both"], None),
+    (["model.tie_embeddings=true", "model.embeddings.freeze=tgt"], ["model.tie_embeddings", "freeze"]),
+    (["model.tie_src_tgt=true", "model.embeddings.src_vectors=a.vec", "model.embeddings.tgt_vectors=b.vec"],
+     ["model.tie_src_tgt", "a.vec", "b.vec"]),
+    (["model.tie_src_tgt=true", "model.embeddings.src_vectors=a.vec", "model.embeddings.tgt_vectors=a.vec"], None),
+    (["model.embeddings.unfreeze_after=100"], ["unfreeze_after", "freeze=none"]),
+    (["model.embeddings.unfreeze_after=-1", "model.embeddings.freeze=src"], ["unfreeze_after"]),
+    (["model.embeddings.unfreeze_after=100", "model.embeddings.freeze=src"], None),
+    (["model.embeddings.sparse=true", "model.tie_embeddings=true"], ["sparse", "tie_embeddings"]),
+    (["model.embeddings.sparse=true", "optim.weight_decay=0.01"], ["sparse", "optim.weight_decay"]),
+    (["model.embeddings.sparse=true", "model.tie_src_tgt=true"], None),
+    (["model.embeddings.vectors_lowercase=true"], ["vectors_lowercase", "src_vectors"]),
+    (["model.embeddings.vectors_subword_mean=true", "model.embeddings.tgt_vectors=b.vec"], None),
+    (["model.embeddings.vectors_format=fasttext"], ["vectors_format", "word2vec_binary"]),
+]
+
+
+@pytest.mark.parametrize("overrides, words", EMBEDDING_COMBINATIONS)
+def test_embedding_settings_that_cannot_work_are_refused(overrides, words, capsys):
+    calls = []
+    if words is None:
+        main("train", lambda cfg, cfg_dict: calls.append(cfg), ["experiment=debug", *overrides])
+        assert len(calls) == 1
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: calls.append(cfg), ["experiment=debug", *overrides])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not calls
+    assert err.startswith("nmt: error:") and len(err.strip().splitlines()) == 1
+    for word in words:
+        assert word in err
+
+
+def test_three_way_tying_with_separate_vocabularies_exits_2_from_the_console_script():
+    out = run_cli("nmt-train", "experiment=debug", "model.tie_embeddings=true", "model.tie_src_tgt=true",
+                  "data.vocab.joint=false", timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("nmt: error: model.tie_src_tgt=true") and "data.vocab.joint=true" in out.stderr
+
+
 def test_files_experiment_requires_train_and_val_files(capsys):
     with pytest.raises(SystemExit):
         compose_config("train", ["experiment=files"])

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import script_path
 from nmt.config import EvalOptions, EvaluateConfig
 from nmt.errors import NMTError
 from nmt.evaluate import evaluate, score
@@ -21,7 +22,7 @@ def test_score_matches_sacrebleu_api_on_known_text():
 
 
 def test_evaluate_writes_files_and_agrees_with_sacrebleu_cli(debug_run, tmp_path):
-    out = subprocess.run(["nmt-evaluate", f"run={debug_run}", "eval.split=val", "eval.beam_size=3"],
+    out = subprocess.run([script_path("nmt-evaluate"), f"run={debug_run}", "eval.split=val", "eval.beam_size=3"],
                          capture_output=True, text=True, check=True)
     assert "BLEU = " in out.stdout and "nrefs:1|case:mixed" in out.stdout and "chrF2" in out.stdout
     hyp, ref = debug_run / "eval" / "val.hyp", debug_run / "eval" / "val.ref"
@@ -46,6 +47,6 @@ def test_evaluate_own_files_with_wrong_reference_count(debug_run, tmp_path):
 
 
 def test_evaluate_missing_run_is_a_clean_error(tmp_path):
-    out = subprocess.run(["nmt-evaluate", f"run={tmp_path / 'nope'}"], capture_output=True, text=True)
+    out = subprocess.run([script_path("nmt-evaluate"), f"run={tmp_path / 'nope'}"], capture_output=True, text=True)
     assert out.returncode != 0
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr

@@ -265,6 +265,38 @@ def test_tied_embeddings_share_one_tensor():
     assert torch.equal(clone.output.weight, model.tgt_embed.weight)
 
 
+def test_three_way_tying_shares_one_parameter():
+    model = tiny_model(tie_embeddings=True, tie_src_tgt=True)
+    assert model.src_embed.weight is model.tgt_embed.weight is model.output.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model().parameters()) - 2 * V * E
+    logits = model(make_src(), SRC_LENS, make_tgt_in())
+    logits.logsumexp(-1).sum().backward()
+    grad = model.output.weight.grad  # one gradient, summed over the three uses
+    assert grad is not None and grad.abs().sum() > 0
+    clone = tiny_model(tie_embeddings=True, tie_src_tgt=True)
+    clone.load_state_dict(model.state_dict())
+    assert clone.src_embed.weight is clone.tgt_embed.weight is clone.output.weight
+    assert torch.equal(clone.src_embed.weight, model.src_embed.weight)
+    source_only = tiny_model(tie_src_tgt=True)  # source and target shared, output layer separate
+    assert source_only.src_embed.weight is source_only.tgt_embed.weight
+    assert source_only.output.weight is not source_only.tgt_embed.weight
+    with pytest.raises(ValueError, match="one vocabulary"):
+        build_model(ModelConfig(embedding_dim=E, hidden_size=H, tie_src_tgt=True), V, V + 1)
+
+
+def test_sparse_embeddings_give_row_sparse_gradients():
+    dense = Embeddings(V, E, PAD_ID, EmbeddingConfig())
+    sparse = Embeddings(V, E, PAD_ID, EmbeddingConfig(sparse=True))
+    sparse.load_state_dict(dense.state_dict())
+    ids = make_src()
+    for module in (dense, sparse):
+        (module(ids) ** 2).sum().backward()
+    assert sparse.weight.grad.is_sparse and not dense.weight.grad.is_sparse
+    assert torch.equal(sparse.weight.grad.to_dense(), dense.weight.grad)
+    rows = set(sparse.weight.grad.coalesce().indices()[0].tolist())
+    assert rows == set(ids.flatten().tolist()) - {PAD_ID}  # just the rows read, pad excluded
+
+
 def test_untied_embeddings_are_separate():
     model = tiny_model()
     assert model.output.weight.data_ptr() != model.tgt_embed.weight.data_ptr()

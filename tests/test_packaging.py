@@ -32,7 +32,7 @@ def test_wheel_ships_configs_and_scripts(wheel_env):
     where = subprocess.run([str(bin_dir / "python"), "-c", "import nmt, sys; print(nmt.__file__)"], cwd=work,
                            capture_output=True, text=True, check=True).stdout
     assert str(ROOT) not in where
-    for script in ("nmt-evaluate", "nmt-translate"):
+    for script in ("nmt-evaluate", "nmt-translate", "nmt-embeddings"):
         out = subprocess.run([str(bin_dir / script)], cwd=work, capture_output=True, text=True)
         assert out.returncode == 2 and "Missing required setting(s): run" in out.stderr
 

@@ -17,7 +17,7 @@ import sentencepiece as spm
 import torch
 import yaml
 
-from conftest import FAST_DEBUG, run_cli
+from conftest import FAST_DEBUG, REPO, run_cli, script_path
 from nmt.checkpoint import load_checkpoint
 from nmt.run import load_trained
 
@@ -57,13 +57,19 @@ def val_records(run_dir: Path) -> list[dict]:
     return [{k: r[k] for k in ("step", "epoch", "loss", "bleu", "lr")} for r in records if r["kind"] == "val"]
 
 
+def drift_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "embeddings"]
+
+
 def test_run_directory_holds_everything(uninterrupted):
     run_dir = uninterrupted
     for name in ("config.yaml", "spm.joint.model", "metrics.jsonl", "train.log", "training_curves.png",
-                 "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/step0.pt"):
+                 "embedding_drift.png", "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/step0.pt"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.tmp*")), "temporary files left behind"
     assert (run_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "embedding_drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     assert config["name"] == "debug" and config["paths"]["run_dir"] == str(run_dir)
     assert config["data"]["train_limit"] == 500 and config["model"]["hidden_size"] == 96
@@ -76,6 +82,19 @@ def test_run_directory_holds_everything(uninterrupted):
     # training moved the weights away from step0
     step0 = weights(run_dir, "step0")
     assert all(not torch.equal(step0[k], v) for k, v in last["model"].items() if k.startswith(("encoder", "output")))
+    # one embedding-drift record per validation, and it agrees with the checkpoints
+    drift = drift_records(run_dir)
+    assert [r["step"] for r in drift] == [10, 20]
+    for side, key in (("src", SRC_EMBED), ("tgt", TGT_EMBED)):
+        moved = (last["model"][key] != step0[key]).any(dim=1)[1:]  # pad row excluded
+        stats = drift[-1][side]
+        assert stats["rows"] == len(moved) and stats["unchanged_rows"] == int((~moved).sum())
+        assert stats["moved_share"] == pytest.approx(float(moved.float().mean()))
+        distance = (last["model"][key] - step0[key]).norm(dim=1)[1:].mean()
+        assert stats["mean_l2"] == pytest.approx(float(distance), rel=1e-5)
+        assert 0 < drift[0][side]["mean_l2"] < stats["mean_l2"]  # rows keep moving
+        # a joint vocabulary: pieces of the other language never reach this side, so they never change
+        assert 0 < stats["unchanged_unseen"] <= stats["unchanged_rows"]
 
 
 @pytest.mark.slow  # the resume tests imply it; run it to tell nondeterminism from a resume bug
@@ -147,7 +166,7 @@ def _read_until(stream, marker: str, timeout: float) -> str:
 
 def test_resume_after_sigint_equals_an_uninterrupted_run(uninterrupted, shared_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
+    args = [script_path("nmt-train"), *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}",
             "trainer.max_epochs=2"]
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -290,3 +309,100 @@ def test_the_full_debug_experiment_runs(shared_data_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     val = val_records(run_dir)
     assert len(val) == 3 and val[-1]["loss"] < val[0]["loss"]
+
+
+# --- embeddings end to end: vectors from the project's own script, unfreezing, tying, sparse ---------------------
+
+def load_vectors(path: Path) -> dict[str, torch.Tensor]:
+    from nmt.model.vectors import read_vectors
+
+    return read_vectors(path)
+
+
+def test_script_vectors_load_frozen_and_export_bit_for_bit(shared_data_dir, tmp_path):
+    """The check in the issue: vectors from scripts/train_vectors.py, freeze=src, export equals the file."""
+    vectors_file, run_dir, exported = tmp_path / "vectors.de.txt", tmp_path / "run", tmp_path / "export.txt"
+    made = run_cli(sys.executable, str(REPO / "scripts" / "train_vectors.py"), "--side", "src", "--epochs", "1",
+                   "--out", str(vectors_file), *FAST_DEBUG, f"paths.data_dir={shared_data_dir}")
+    assert made.returncode == 0, made.stderr[-3000:]
+    out = train(shared_data_dir, run_dir, f"model.embeddings.src_vectors={vectors_file}", "model.embeddings.freeze=src")
+    coverage = [line for line in out.stderr.splitlines() if line.startswith("coverage: src vectors")]
+    assert len(coverage) == 1, out.stderr[-3000:]
+    exporting = run_cli("nmt-embeddings", f"run={run_dir}", "checkpoint=last", "side=src", f"export={exported}")
+    assert exporting.returncode == 0, exporting.stderr[-3000:]
+    in_file, out_file = load_vectors(vectors_file), load_vectors(exported)
+    covered = [piece for piece in in_file if piece in out_file]
+    # the script read the same training data with the same SentencePiece settings: every piece it saw matches
+    assert len(covered) == len(in_file) > 100
+    for piece in covered:
+        assert torch.equal(out_file[piece], in_file[piece]), piece
+    # pieces absent from the German side (English ones in the joint vocabulary) may match a German piece's
+    # bare word: "▁man" takes the vector of "man"
+    as_word = [p for p in out_file if p not in in_file and p.lstrip("\u2581") in in_file]
+    for piece in as_word:
+        assert torch.equal(out_file[piece], in_file[piece.lstrip("\u2581")]), piece
+    pieces = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.joint.model")).get_piece_size() - 4
+    assert (f"{len(covered) + len(as_word)}/{pieces} pieces covered" in coverage[0]
+            and f"{len(covered)} as the piece, {len(as_word)} as the word" in coverage[0]), coverage[0]
+    assert "100.0% of training tokens" in coverage[0]  # the script wrote every piece of the source side
+    assert torch.equal(weights(run_dir, "last")[SRC_EMBED], weights(run_dir, "step0")[SRC_EMBED])
+
+
+UNFREEZE = ["model.embeddings.freeze=src", "model.embeddings.unfreeze_after=4", "trainer.validate_every=2"]
+
+
+@pytest.fixture(scope="module")
+def unfrozen(shared_data_dir, tmp_path_factory) -> Path:
+    """Source embeddings frozen for 4 updates, then trained; 6 updates, a validation every 2."""
+    run_dir = tmp_path_factory.mktemp("unfreeze") / "run"
+    out = train(shared_data_dir, run_dir, *UNFREEZE, "trainer.max_steps=6")
+    assert "step 4: embeddings unfrozen (model.embeddings.unfreeze_after=4)" in out.stderr
+    return run_dir
+
+
+def test_unfreeze_after_n_keeps_rows_identical_up_to_step_n_and_moves_them_after(unfrozen):
+    drift = {r["step"]: r for r in drift_records(unfrozen)}
+    assert sorted(drift) == [2, 4, 6]
+    for step in (2, 4):  # frozen: every source row bit-identical to step 0; the target side trains
+        assert drift[step]["src"]["unchanged_rows"] == drift[step]["src"]["rows"]
+        assert drift[step]["src"]["mean_l2"] == 0.0 and drift[step]["tgt"]["moved_share"] > 0
+    assert drift[6]["src"]["moved_share"] > 0.2 and drift[6]["src"]["mean_l2"] > 0
+    step0 = weights(unfrozen, "step0")[SRC_EMBED]
+    at_4 = load_checkpoint(unfrozen / "checkpoints" / "last.prev.pt")  # the checkpoint before last.pt
+    assert at_4["train_state"]["step"] == 4 and torch.equal(at_4["model"][SRC_EMBED], step0)
+    assert len(at_4["optimizer"]["param_groups"]) == 2  # the unfrozen table is a second group from step 4
+    last = load_checkpoint(unfrozen / "checkpoints" / "last.pt")
+    assert last["train_state"]["step"] == 6 and not torch.equal(last["model"][SRC_EMBED], step0)
+
+
+def test_resume_after_unfreezing_equals_an_uninterrupted_run(unfrozen, shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, *UNFREEZE, "trainer.max_steps=5")  # stops after unfreezing
+    train(shared_data_dir, run_dir, *UNFREEZE, "trainer.max_steps=6", "trainer.resume=true")
+    assert_same_weights(weights(run_dir, "last"), weights(unfrozen, "last"))
+
+
+def test_three_way_tied_run_trains_one_matrix_and_loads_back(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "model.tie_embeddings=true", "model.tie_src_tgt=true", "trainer.max_steps=3")
+    last, step0 = weights(run_dir, "last"), weights(run_dir, "step0")
+    assert torch.equal(last[SRC_EMBED], last[TGT_EMBED]) and torch.equal(last[TGT_EMBED], last["output.weight"])
+    assert not torch.equal(last[SRC_EMBED], step0[SRC_EMBED])
+    run = load_trained(run_dir, "last", torch.device("cpu"))
+    assert run.model.src_embed.weight is run.model.tgt_embed.weight is run.model.output.weight
+    drift = drift_records(run_dir)[-1]
+    assert drift["src"] == drift["tgt"]  # one table, measured twice
+
+
+def test_sparse_gradients_train_and_resume(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    sparse = ["model.embeddings.sparse=true", "trainer.validate_every=2"]
+    train(shared_data_dir, run_dir, *sparse, "trainer.max_steps=2")
+    train(shared_data_dir, run_dir, *sparse, "trainer.max_steps=4", "trainer.resume=true")
+    reference = tmp_path / "reference"
+    train(shared_data_dir, reference, *sparse, "trainer.max_steps=4")
+    assert_same_weights(weights(run_dir, "last"), weights(reference, "last"))
+    last, step0 = weights(reference, "last"), weights(reference, "step0")
+    assert not torch.equal(last[SRC_EMBED], step0[SRC_EMBED])
+    optimizer = load_checkpoint(reference / "checkpoints" / "last.pt")["optimizer"]
+    assert [g["sparse"] for g in optimizer["param_groups"]] == [False, True]

@@ -4,6 +4,7 @@ import subprocess
 
 import torch
 
+from conftest import script_path
 from nmt.translate import attention_text
 
 
@@ -11,7 +12,7 @@ def test_piped_gives_one_line_per_input_line(debug_run):
     lines = ["Ein Mann fährt Fahrrad.", "", "Zwei Hunde spielen im Schnee.", " ".join(["Haus"] * 300),
              "\x01\x02 Steuerzeichen \x7f", "Ein Kind\u2028mit Ball.", "Ünïcödé ☃ 字"]
     data = ("\n".join(lines) + "\n").encode("utf-8") + b"bin\xff\xfe\xfd\n"
-    out = subprocess.run(["nmt-translate", f"run={debug_run}", "translate.beam_size=2"],
+    out = subprocess.run([script_path("nmt-translate"), f"run={debug_run}", "translate.beam_size=2"],
                          input=data, capture_output=True, check=True)
     outputs = out.stdout.decode("utf-8").split("\n")
     assert outputs[-1] == ""  # the output ends with a newline
@@ -27,10 +28,10 @@ def test_file_mode_matches_piped_and_writes_heatmaps(debug_run, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen.\n", encoding="utf-8")
     out, heatmaps = tmp_path / "out.txt", tmp_path / "attn"
-    subprocess.run(["nmt-translate", f"run={debug_run}", f"translate.input={src}", f"translate.output={out}",
-                    f"translate.attention_dir={heatmaps}"], check=True, capture_output=True)
-    piped = subprocess.run(["nmt-translate", f"run={debug_run}"], input=src.read_bytes(), capture_output=True,
-                           check=True).stdout.decode()
+    subprocess.run([script_path("nmt-translate"), f"run={debug_run}", f"translate.input={src}",
+                    f"translate.output={out}", f"translate.attention_dir={heatmaps}"], check=True, capture_output=True)
+    piped = subprocess.run([script_path("nmt-translate"), f"run={debug_run}"], input=src.read_bytes(),
+                           capture_output=True, check=True).stdout.decode()
     assert out.read_text(encoding="utf-8") == piped
     pngs = sorted(p.name for p in heatmaps.glob("*.png"))
     assert pngs == ["00001.png", "00003.png"]  # none for the empty line
@@ -46,7 +47,7 @@ def test_attention_text_labels_rows_and_columns():
 
 
 def test_missing_input_file_is_a_clean_error(debug_run, tmp_path):
-    out = subprocess.run(["nmt-translate", f"run={debug_run}", f"translate.input={tmp_path / 'nope.txt'}"],
+    out = subprocess.run([script_path("nmt-translate"), f"run={debug_run}", f"translate.input={tmp_path / 'nope.txt'}"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "nope.txt" in out.stderr and "Traceback" not in out.stderr
 
@@ -77,7 +78,7 @@ def test_interactive_prompt_in_a_terminal(debug_run):
 
     primary, secondary = pty.openpty()
     env = {**os.environ, "HOME": str(debug_run), "TERM": "xterm"}
-    child = subprocess.Popen(["nmt-translate", f"run={debug_run}"], stdin=secondary, stdout=secondary,
+    child = subprocess.Popen([script_path("nmt-translate"), f"run={debug_run}"], stdin=secondary, stdout=secondary,
                              stderr=secondary, env=env, close_fds=True)
     os.close(secondary)
     try:

@@ -1,12 +1,13 @@
-"""Pretrained word vectors: reading word2vec/GloVe text files and matching them onto pieces."""
+"""Pretrained word vectors: the formats, their detection, writing, and matching them onto pieces."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from nmt.errors import NMTError
-from nmt.model.vectors import load_pretrained_, read_vectors
+from nmt.model.vectors import detect_format, load_pretrained_, read_vectors, training_words, write_vectors
 
 WS = "\u2581"  # SentencePiece's word-start mark
 
@@ -66,4 +67,129 @@ def test_load_pretrained_matches_pieces_and_bare_words(tmp_path):
     assert weight[0].tolist() == [0, 0]  # special pieces are never overwritten
     assert (coverage.pieces, coverage.covered) == (4, 3)
     assert coverage.token_share == pytest.approx(10 / 20)
-    assert "3/4 pieces covered (75.0%), 50.0% of training tokens" in coverage.line("src", path)
+    assert (coverage.as_piece, coverage.as_word) == (2, 1)
+    line = coverage.line("src", path)
+    assert "3/4 pieces covered (75.0%: 2 as the piece, 1 as the word without \u2581), 50.0% of training tokens" in line
+    assert "(glove)" in line
+
+
+# --- formats: detection, binary, round trips ---------------------------------------------------------------
+
+def random_vectors(count: int, dim: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    words = [f"w{i}" for i in range(count - 3)] + [f"{WS}Hund", "Straße", "naïve"]
+    return words, torch.randn(count, dim, generator=generator)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_write_then_read_gives_the_same_float32_values_bit_for_bit(tmp_path, binary):
+    words, vectors = random_vectors(50, 7)
+    vectors[0] = torch.tensor([1e-30, -3.4e38, 0.1, 1 / 3, -0.0, 123456.789, 2 ** -20])  # awkward values
+    path = tmp_path / ("v.bin" if binary else "v.txt")
+    write_vectors(path, words, vectors, binary=binary)
+    assert detect_format(path) == ("word2vec_binary" if binary else "word2vec_text")
+    read = read_vectors(path)
+    assert list(read) == words  # file order kept
+    assert torch.equal(torch.stack([read[w] for w in words]), vectors)
+
+
+def test_word2vec_binary_as_the_c_tool_and_gensim_write_it(tmp_path):
+    """Little-endian float32 after "word "; the C tool ends each vector with a newline, gensim does not."""
+    rows = {"haus": [1.0, 2.0, 3.0], f"{WS}hund": [0.5, -1.0, 0.25]}
+    for newline in (b"\n", b""):
+        path = tmp_path / "v.bin"
+        body = b"".join(w.encode() + b" " + np.array(v, dtype="<f4").tobytes() + newline for w, v in rows.items())
+        path.write_bytes(b"2 3\n" + body)
+        assert detect_format(path) == "word2vec_binary"
+        read = read_vectors(path, expected_dim=3)
+        assert {w: v.tolist() for w, v in read.items()} == rows
+
+
+def test_the_format_is_detected_from_the_content(tmp_path):
+    assert detect_format(write(tmp_path / "a.txt", "2 3\nhaus 1 2 3\nhund 4 5 6\n")) == "word2vec_text"
+    assert detect_format(write(tmp_path / "b.txt", "haus 1 2 3\nhund 4 5 6\n")) == "glove"
+    # fastText .vec: a header, and a space at the end of every line
+    vec = write(tmp_path / "c.vec", "2 3 \nhaus 1 2 3 \nhund 4 5 6 \n")
+    assert detect_format(vec) == "word2vec_text"
+    assert read_vectors(vec)["hund"].tolist() == [4, 5, 6]
+    # a GloVe file whose first word and vector look like a header stays text with the right format
+    assert read_vectors(write(tmp_path / "d.txt", "2 3\n"), fmt="glove") == {"2": torch.tensor([3.0])}
+
+
+def test_an_explicit_format_that_does_not_fit_is_a_clear_error(tmp_path):
+    glove = write(tmp_path / "glove.txt", "haus 1 2 3\n")
+    with pytest.raises(NMTError, match=r"glove.txt, line 1: expected the word2vec header.*vectors_format=glove"):
+        read_vectors(glove, fmt="word2vec_text")
+    with pytest.raises(NMTError, match=r"glove.txt, line 1: expected the word2vec header"):
+        read_vectors(glove, fmt="word2vec_binary")
+
+
+def test_a_truncated_binary_file_names_the_vector_and_byte(tmp_path):
+    words, vectors = random_vectors(5, 4)
+    path = tmp_path / "v.bin"
+    write_vectors(path, words, vectors, binary=True)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(NMTError, match=r"v.bin: the header promises 5 vectors of dimension 4, but the file ends "
+                                       r"inside vector 5 \(byte \d+\)"):
+        read_vectors(path)
+
+
+def test_binary_dimension_mismatch_and_non_finite_values(tmp_path):
+    words, vectors = random_vectors(3, 4)
+    path = tmp_path / "v.bin"
+    write_vectors(path, words, vectors, binary=True)
+    with pytest.raises(NMTError, match=r"v.bin, line 1 \(header\): vectors of dimension 4.*dimension 6"):
+        read_vectors(path, expected_dim=6)
+    nan = write(tmp_path / "nan.txt", "a 1 2\nb nan 2\n")
+    with pytest.raises(NMTError, match=r"nan.txt, line 2: the vector of 'b' holds NaN"):
+        read_vectors(nan)
+
+
+# --- matching: lowercase and subword means ---------------------------------------------------------------
+
+PIECES = ["<pad>", "<unk>", "<s>", "</s>", f"{WS}Hund", f"{WS}Katze", "e", "n", f"{WS}Maus", f"{WS}Zebra"]
+SPECIAL = {0, 1, 2, 3}
+
+
+def test_lowercase_matching_is_an_option_and_comes_after_exact_matches(tmp_path):
+    path = write(tmp_path / "v.txt", "hund 1 1\nKATZE 2 2\nkatze 3 3\nMaus 4 4\n")
+    plain = torch.zeros(len(PIECES), 2)
+    coverage = load_pretrained_(plain, PIECES, path, SPECIAL)
+    assert coverage.covered == 1 and plain[8].tolist() == [4, 4]  # only "Maus" matches as it is
+    lowered = torch.zeros(len(PIECES), 2)
+    coverage = load_pretrained_(lowered, PIECES, path, SPECIAL, lowercase=True)
+    assert lowered[4].tolist() == [1, 1]  # ▁Hund -> hund
+    assert lowered[5].tolist() == [2, 2]  # ▁Katze -> the file's first word that lowercases to katze
+    assert lowered[8].tolist() == [4, 4]  # exact still first
+    assert (coverage.as_word, coverage.lowercased) == (1, 2)
+    assert "2 lowercased" in coverage.line("src", path)
+
+
+def test_training_words_join_pieces_from_one_word_start_to_the_next():
+    # "▁Hund e ▁Katze n" | "e ▁Hund" (a sentence that starts inside a word) | "▁Katze <unk>"
+    flat = np.array([4, 6, 5, 7, 6, 4, 5, 1], dtype=np.int32)
+    offsets = np.array([0, 4, 6, 8])
+    words = training_words(flat, offsets, PIECES, SPECIAL)
+    assert words == {"Hunde": (4, 6), "Katzen": (5, 7), "e": (6,), "Hund": (4,)}  # "Katze<unk>" left out
+
+
+def test_subword_mean_fills_pieces_without_a_vector_from_the_words_using_them(tmp_path):
+    path = write(tmp_path / "v.txt", "Hunde 2 0\nKatzen 0 4\nKatze 9 9\nmaus 1 1\n")
+    words = {"Hunde": (4, 6), "Katzen": (5, 7), "Katze": (5,), "Maus": (8,), "Mause": (8, 6)}
+    weight = torch.full((len(PIECES), 2), -7.0)
+    counts = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 5])
+    coverage = load_pretrained_(weight, PIECES, path, SPECIAL, counts, words=words)
+    assert weight[5].tolist() == [9, 9]  # ▁Katze has its own vector: the mean does not replace it
+    assert weight[6].tolist() == [2, 0]  # e: only "Hunde" has a vector ("Mause" has none)
+    assert weight[7].tolist() == [0, 4]  # n: from "Katzen"
+    assert weight[4].tolist() == [2, 0]  # ▁Hund: no vector of its own; "Hunde" uses it
+    assert weight[9].tolist() == [-7, -7]  # ▁Zebra: no word with a vector uses it
+    assert weight[8].tolist() == [-7, -7]  # ▁Maus: "maus" needs lowercase matching
+    assert (coverage.as_word, coverage.subword_mean) == (1, 3)
+    assert coverage.token_share == pytest.approx(4 / 10)
+    # with lowercasing too, "Maus" and "Mause" (-> maus) supply the mean of ▁Maus and e's second word
+    weight = torch.full((len(PIECES), 2), -7.0)
+    coverage = load_pretrained_(weight, PIECES, path, SPECIAL, counts, lowercase=True, words=words)
+    assert weight[8].tolist() == [1, 1] and coverage.lowercased == 1
+    assert weight[6].tolist() == [2, 0]  # "Mause" still has no vector: lowercasing "Mause" gives "mause"
+    assert "from the mean of words using them" in coverage.line("src", path)

@@ -1,7 +1,8 @@
-"""nn.Embedding with a selectable init, padding_idx, optional max_norm and sqrt(E) scaling.
+"""nn.Embedding with a selectable init, padding_idx, optional max_norm, sqrt(E) scaling and sparse gradients.
 
 An embedding is a lookup table: `embed(ids)` equals `one_hot(ids) @ weight`, so only the rows of
-pieces that occur in a batch receive gradient. The pad row is zero and never updated.
+pieces that occur in a batch receive gradient. The pad row is zero and never updated. With
+`sparse=true` the gradient is a sparse tensor holding just those rows (see nmt.optim for the update).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class Embeddings(nn.Module):
 
     def __init__(self, vocab_size: int, embedding_dim: int, pad_id: int, cfg: EmbeddingConfig):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id, max_norm=cfg.max_norm)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id, max_norm=cfg.max_norm,
+                                      sparse=cfg.sparse)
         self.multiplier = math.sqrt(embedding_dim) if cfg.scale else 1.0
         init_embedding_(self.embedding.weight, cfg.init, cfg.init_scale, pad_id)
 

@@ -1,0 +1,149 @@
+"""Sparse embedding gradients, clipping them, and unfreezing embeddings into a running optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nmt.config import EmbeddingConfig, ModelConfig, OptimConfig, TrainConfig
+from nmt.data.vocab import PAD_ID
+from nmt.model.seq2seq import build_model
+from nmt.optim import SparseDenseAdam, build_adam, clip_grad_norm, frozen_embeddings, unfreeze_embeddings
+from nmt.train import build_optimizer, build_scheduler
+
+V, E, H = 20, 6, 5
+
+
+def tiny_model(**embeddings):
+    cfg = ModelConfig(embedding_dim=E, hidden_size=H, dropout=0.0, embeddings=EmbeddingConfig(**embeddings))
+    return build_model(cfg, V, V)
+
+
+def loss_of(model, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, 12, (3, 5), generator=generator)  # only ids 4..11: most rows are never read
+    src[2, 3:] = PAD_ID
+    tgt = torch.randint(4, 12, (3, 4), generator=generator)
+    lens = (src != PAD_ID).sum(1)
+    return model(src, lens, tgt).square().mean()
+
+
+def test_sparse_adam_matches_torch_sparse_adam_plus_adam():
+    dense_model = tiny_model()
+    sparse_model = tiny_model(sparse=True)
+    sparse_model.load_state_dict(dense_model.state_dict())
+    tables = [sparse_model.src_embed.weight, sparse_model.tgt_embed.weight]
+    reference = copy.deepcopy(sparse_model)
+    ref_tables = [reference.src_embed.weight, reference.tgt_embed.weight]
+    ref_dense = [p for p in reference.parameters() if all(p is not t for t in ref_tables)]
+    ref_opts = [torch.optim.Adam(ref_dense, lr=0.01), torch.optim.SparseAdam(ref_tables, lr=0.01)]
+    ours = build_adam(sparse_model, 0.01, (0.9, 0.999), 0.0, sparse=True)
+    assert isinstance(ours, SparseDenseAdam) and [g["sparse"] for g in ours.param_groups] == [False, True]
+    before = sparse_model.src_embed.weight.detach().clone()
+    for step in range(3):
+        for model, optimizers in ((sparse_model, [ours]), (reference, ref_opts)):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            loss_of(model, step).backward()
+            assert model.src_embed.weight.grad.is_sparse
+            for optimizer in optimizers:
+                optimizer.step()
+    for (name, ours_p), ref_p in zip(sparse_model.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours_p, ref_p, atol=1e-6), name
+    after = sparse_model.src_embed.weight.detach()
+    assert torch.equal(after[12:], before[12:])  # rows never read: not touched (lazy update)
+    assert not torch.equal(after[4:12], before[4:12])
+    assert torch.equal(after[PAD_ID], torch.zeros(E))
+
+
+def test_sparse_optimizer_state_survives_a_checkpoint_round_trip():
+    model = tiny_model(sparse=True)
+    optimizer = build_adam(model, 0.01, (0.9, 0.999), 0.0, sparse=True)
+    loss_of(model, 0).backward()
+    optimizer.step()
+    clone = copy.deepcopy(model)
+    restored = build_adam(clone, 0.01, (0.9, 0.999), 0.0, sparse=True)
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as from disk: no shared tensors
+    for m, opt in ((model, optimizer), (clone, restored)):
+        opt.zero_grad()
+        loss_of(m, 1).backward()
+        opt.step()
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_clip_grad_norm_with_sparse_gradients_equals_the_dense_computation():
+    dense_model = tiny_model()
+    sparse_model = tiny_model(sparse=True)
+    sparse_model.load_state_dict(dense_model.state_dict())
+    for model in (dense_model, sparse_model):
+        loss_of(model, 0).backward()
+    dense_norm = torch.nn.utils.clip_grad_norm_(list(dense_model.parameters()), 0.01)
+    sparse_norm = clip_grad_norm(list(sparse_model.parameters()), 0.01)
+    assert sparse_norm == pytest.approx(float(dense_norm), rel=1e-5)
+    assert dense_norm > 0.01  # so clipping did something
+    for (name, d), s in zip(dense_model.named_parameters(), sparse_model.parameters()):
+        grad = s.grad.to_dense() if s.grad.is_sparse else s.grad
+        assert torch.allclose(d.grad, grad, atol=1e-7), name
+
+
+@pytest.mark.parametrize("scheduler", ["inverse_sqrt", "plateau"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_unfreezing_adds_the_tables_to_optimizer_and_scheduler(scheduler, sparse):
+    cfg = TrainConfig(model=ModelConfig(embedding_dim=E, hidden_size=H, dropout=0.0,
+                                        embeddings=EmbeddingConfig(freeze="both", unfreeze_after=2, sparse=sparse)),
+                      optim=OptimConfig(scheduler=scheduler, warmup_steps=4))
+    model = build_model(cfg.model, V, V)
+    model.src_embed.weight.requires_grad_(False)
+    model.tgt_embed.weight.requires_grad_(False)
+    optimizer = build_optimizer(model, cfg)
+    lr_scheduler = build_scheduler(optimizer, cfg)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(model.src_embed.weight) not in in_optimizer  # frozen: no state, no weight decay
+    frozen = model.src_embed.weight.detach().clone()
+    loss_of(model, 0).backward()
+    assert model.src_embed.weight.grad is None  # no gradient at all
+    optimizer.step()
+    assert torch.equal(model.src_embed.weight, frozen)
+    assert unfreeze_embeddings(model, optimizer, lr_scheduler) == 2
+    assert unfreeze_embeddings(model, optimizer, lr_scheduler) == 0  # once only
+    assert not frozen_embeddings(model)
+    assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["lr"] == optimizer.param_groups[0]["lr"]
+    for step in range(3):
+        optimizer.zero_grad()
+        loss_of(model, step).backward()
+        optimizer.step()
+        lr_scheduler.step() if scheduler == "inverse_sqrt" else lr_scheduler.step(1.0)  # plateau: no improvement
+        assert optimizer.param_groups[1]["lr"] == optimizer.param_groups[0]["lr"]
+    assert not torch.equal(model.src_embed.weight, frozen)
+    # the optimizer and scheduler states load into a run that unfroze the same way (a resume)
+    clone = build_model(cfg.model, V, V)
+    for weight in (clone.src_embed.weight, clone.tgt_embed.weight):
+        weight.requires_grad_(False)
+    clone_opt = build_optimizer(clone, cfg)
+    clone_sched = build_scheduler(clone_opt, cfg)
+    unfreeze_embeddings(clone, clone_opt, clone_sched)
+    clone_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    clone_sched.load_state_dict(lr_scheduler.state_dict())
+    assert [g["lr"] for g in clone_opt.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
+def test_tied_tables_are_unfrozen_once():
+    cfg = ModelConfig(embedding_dim=E, hidden_size=H, tie_src_tgt=True, embeddings=EmbeddingConfig(freeze="both"))
+    model = build_model(cfg, V, V)
+    model.tgt_embed.weight.requires_grad_(False)
+    assert frozen_embeddings(model) == [model.src_embed.weight]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    assert unfreeze_embeddings(model, optimizer, None) == 1
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_a_dense_gradient_in_a_sparse_group_is_refused():
+    table = nn.Parameter(torch.zeros(3, 2))
+    optimizer = SparseDenseAdam([], [table], lr=0.1, betas=(0.9, 0.999))
+    table.grad = torch.ones(3, 2)
+    with pytest.raises(RuntimeError, match="dense gradient"):
+        optimizer.step()

@@ -1,0 +1,73 @@
+"""scripts/: the skip-gram vector trainer and the sparse-gradient benchmark."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, run_cli
+from nmt.model.vectors import detect_format, read_vectors
+
+SCRIPTS = REPO / "scripts"
+
+
+def test_train_vectors_on_a_finished_run_writes_its_pieces(debug_run, tmp_path):
+    out_file = tmp_path / "vectors.en.bin"
+    out = run_cli(sys.executable, str(SCRIPTS / "train_vectors.py"), "--run", str(debug_run), "--side", "tgt",
+                  "--epochs", "2", "--dim", "16", "--format", "word2vec_binary", "--out", str(out_file))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert detect_format(out_file) == "word2vec_binary"
+    vectors = read_vectors(out_file)
+    processor = spm.SentencePieceProcessor(model_file=str(debug_run / "spm.joint.model"))
+    pieces = {processor.id_to_piece(i) for i in range(4, processor.get_piece_size())}
+    assert 100 < len(vectors) <= len(pieces) and set(vectors) <= pieces  # keyed by the run's pieces
+    assert all(v.shape == (16,) and torch.isfinite(v).all() for v in vectors.values())
+    first = next(iter(vectors))
+    assert first in ("\u2581a", "\u2581A", ".")  # most frequent first, as word2vec writes
+    summary = json.loads(out.stderr.strip().splitlines()[-1].split("wrote ", 1)[1])
+    assert summary["pieces"] == len(vectors) and summary["epochs"] == 2
+
+
+def test_skipgram_learns_from_context():
+    """Two pieces that share every context end up closer than two that share none."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import train_vectors
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    import numpy as np
+
+    # sentences "x A y" and "x B y" (A, B share contexts); "p C q" (C shares none with A)
+    rng = np.random.default_rng(0)
+    sentences = []
+    for _ in range(300):
+        sentences.append([4, 5 if rng.random() < 0.5 else 6, 7])
+        sentences.append([8, 9, 10])
+    flat = np.array([i for s in sentences for i in s])
+    offsets = np.cumsum([0] + [len(s) for s in sentences])
+    args = train_vectors.parse_args(["--out", "x", "--epochs", "15", "--window", "1", "--negatives", "3",
+                                     "--subsample", "1", "--batch-size", "64", "--lr", "0.02"])
+    vectors = train_vectors.train(flat, offsets, 11, 8, args)
+    assert F.cosine_similarity(vectors[5], vectors[6], dim=0) > F.cosine_similarity(vectors[5], vectors[9], dim=0) + 0.3
+
+
+def test_train_vectors_refuses_a_run_and_overrides_together(debug_run, tmp_path):
+    out = run_cli(sys.executable, str(SCRIPTS / "train_vectors.py"), "--run", str(debug_run), "--out",
+                  str(tmp_path / "v.txt"), "experiment=debug")
+    assert out.returncode == 2 and "not both" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_sparse_writes_a_table_and_json(tmp_path):
+    report = tmp_path / "bench.json"
+    out = run_cli(sys.executable, str(SCRIPTS / "bench_sparse.py"), "--vocab-sizes", "300", "--embedding-dim", "8",
+                  "--hidden-size", "8", "--steps", "4", "--warmup", "1", "--rounds", "2", "--batch-size", "4",
+                  "--length", "5", "--json", str(report))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| 300 | dense |" in out.stdout and "| 300 | sparse |" in out.stdout
+    results = json.loads(report.read_text())["results"]
+    assert [(r["vocab_size"], r["mode"], r["steps"]) for r in results] == [(300, "dense", 4), (300, "sparse", 4)]
+    assert all(r["step_ms_median"] > 0 and r["optimizer_ms_median"] > 0 for r in results)
