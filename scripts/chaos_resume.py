@@ -147,6 +147,7 @@ def main() -> int:
             shutil.rmtree(chaos)
             attempt = 0
             events.append({"outcome": "finished before the kill; restarted from scratch", "delay_s": round(delay, 2)})
+            print(f"the run finished before its kill at {delay:.1f} s; starting it again from scratch", flush=True)
             continue
         killed += 1
         step = saved_step(chaos)
