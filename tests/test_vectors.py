@@ -193,3 +193,43 @@ def test_subword_mean_fills_pieces_without_a_vector_from_the_words_using_them(tm
     assert weight[8].tolist() == [1, 1] and coverage.lowercased == 1
     assert weight[6].tolist() == [2, 0]  # "Mause" still has no vector: lowercasing "Mause" gives "mause"
     assert "from the mean of words using them" in coverage.line("src", path)
+
+
+# --- per side, in the trainer ------------------------------------------------------------------------------
+
+def test_setup_embeddings_reports_coverage_per_side_and_loads_a_shared_table_once(tiny_corpus, tmp_path, caplog):
+    from nmt.config import DataConfig, EmbeddingConfig, ModelConfig, SplitFiles, TrainConfig, VocabConfig
+    from nmt.data.pipeline import prepare_training_data
+    from nmt.model.seq2seq import build_model
+    from nmt.train import setup_embeddings
+
+    paths = tiny_corpus["paths"]
+    data_cfg = DataConfig(dataset="files", train=SplitFiles(src=str(paths["train_src"]), tgt=str(paths["train_tgt"])),
+                          val=SplitFiles(src=str(paths["val_src"]), tgt=str(paths["val_tgt"])),
+                          vocab=VocabConfig(size=60))
+    data = prepare_training_data(data_cfg, tmp_path, tmp_path / "run", seed=1)
+    # a vocabulary this small is mostly short pieces: give vectors to two pieces of each side
+    counts = {side: data.token_counts(side) for side in ("src", "tgt")}
+    chosen = {side: [int(i) for i in torch.argsort(counts[side], descending=True)[:2]] for side in ("src", "tgt")}
+    pieces = {side: [data.vocab.side(side).id_to_piece(i) for i in chosen[side]] for side in ("src", "tgt")}
+    german = write(tmp_path / "de.txt", f"{pieces['src'][0]} 1 1\n{pieces['src'][1]} 2 2\n")
+    english = write(tmp_path / "en.txt", f"{pieces['tgt'][0]} 3 3\n{pieces['tgt'][1]} 4 4\n")
+
+    def setup(**model) -> tuple[object, list[str]]:
+        cfg = TrainConfig(data=data_cfg, model=ModelConfig(embedding_dim=2, hidden_size=3, **model))
+        net = build_model(cfg.model, data.vocab.size("src"), data.vocab.size("tgt"))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="nmt"):
+            setup_embeddings(net, cfg, data)
+        return net, [r.getMessage() for r in caplog.records if r.getMessage().startswith("coverage:")]
+
+    net, lines = setup(embeddings=EmbeddingConfig(src_vectors=str(german), tgt_vectors=str(english)))
+    assert [line.split()[1] for line in lines] == ["src", "tgt"]
+    for side, line in zip(("src", "tgt"), lines):
+        share = float(counts[side][chosen[side]].sum() / counts[side].sum())
+        assert f"2/{data.vocab.size(side) - 4} pieces covered" in line and f"{100 * share:.1f}% of training" in line
+    assert net.src_embed.weight[chosen["src"][1]].tolist() == [2, 2]
+    assert net.tgt_embed.weight[chosen["tgt"][0]].tolist() == [3, 3]
+    net, lines = setup(tie_src_tgt=True, embeddings=EmbeddingConfig(src_vectors=str(german), tgt_vectors=str(german)))
+    assert len(lines) == 1 and lines[0].startswith("coverage: src vectors")  # one shared table: loaded once
+    assert net.tgt_embed.weight[chosen["src"][1]].tolist() == [2, 2]
