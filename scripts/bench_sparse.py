@@ -77,7 +77,7 @@ def benchmark(vocab_size: int, args: argparse.Namespace) -> list[dict]:
     step_times: dict[str, list[float]] = {mode: [] for mode in runs}
     for mode, (cfg, model, optimizer, _) in runs.items():
         for batch in batches[:args.warmup]:
-            train_step(model, batch, optimizer, cfg)
+            train_step(model, batch, optimizer, cfg, torch.device("cpu"))
     for mode in runs:
         runs[mode][3].seconds.clear()
     per_round = max(1, args.steps // args.rounds)
@@ -85,7 +85,7 @@ def benchmark(vocab_size: int, args: argparse.Namespace) -> list[dict]:
         for mode, (cfg, model, optimizer, _) in runs.items():
             for batch in batches[start:start + per_round]:
                 started = time.perf_counter()
-                train_step(model, batch, optimizer, cfg)
+                train_step(model, batch, optimizer, cfg, torch.device("cpu"))
                 step_times[mode].append(time.perf_counter() - started)
     rows_read = float(np.mean([len(torch.unique(torch.cat([b.src_ids.flatten(), b.tgt_in.flatten()])))
                                for b in batches]))
