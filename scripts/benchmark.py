@@ -13,7 +13,8 @@ attention (512), dropout 0.2, batches of 4,096 target tokens. The script measure
     sizes and the source/target lengths of the timed batches) and the MFU against the measured peak;
   - greedy and beam-5 decoding of test2016 (sentences/s and output pieces/s) through the same
     `translate_sentences` that nmt-evaluate uses; with --run DIR a trained model is used, otherwise
-    the benchmark's barely trained one (whose outputs run longer, so its figure is pessimistic);
+    the benchmark's barely trained one, whose output lengths are not those of a real model (greedy
+    runs to the length limit, beam search may stop at once), so only --run gives figures to report;
   - peak RSS of the process.
 It writes JSON (--out) and prints a markdown table. --quick finishes within about 3 minutes.
 """
@@ -206,7 +207,9 @@ def main() -> int:
         decode_model, decode_vocab, result["decode_model"] = trained.model, trained.vocab, f"{args.run} (best)"
     else:
         decode_model, decode_vocab = model, vocab
-        result["decode_model"] = f"the benchmark's model after {warmup + steps} steps (untrained: long outputs)"
+        result["decode_model"] = (f"the benchmark's model after {warmup + steps} steps: untrained, so greedy runs to "
+                                  f"the length limit and beam search may stop at once; pass --run DIR of a trained "
+                                  f"run for representative decoding figures")
     for beam in (1, 5):
         print(f"decoding, beam {beam} ...", file=sys.stderr, flush=True)
         with torch.no_grad():
@@ -235,6 +238,7 @@ def table(r: dict) -> str:
         d = r[f"decode_beam{beam}"]
         rows.append((f"{name} decoding, test2016", f"{d['sentences_per_s']:.0f} sent/s, {d['tokens_per_s']:,.0f} tok/s "
                                                    f"({d['sentences']} sentences, {d['mean_output_pieces']:.1f} pieces each)"))
+    rows.append(("decoded with", r["decode_model"]))
     rows.append(("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"))
     machine = r["machine"]
     header = (f"{machine['gpu'] or machine['processor']}, {machine['threads']} threads, torch {machine['torch']}"
