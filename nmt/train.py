@@ -38,7 +38,7 @@ from nmt.errors import Diverged, Interrupted
 from nmt.loss import cross_entropy_sum
 from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
-from nmt.model.vectors import load_pretrained_, training_words
+from nmt.model.vectors import check_vectors_exist, load_pretrained_, training_words
 from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
@@ -507,6 +507,7 @@ def resume_command(run_dir: Path) -> str:
 
 def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
     """Train as configured; returns the run directory. Under torchrun, every rank calls this."""
+    check_vectors_exist(cfg.model.embeddings.src_vectors, cfg.model.embeddings.tgt_vectors)  # before minutes of data work
     with distributed.session(cfg.trainer.device, cfg.trainer.dist_timeout_seconds) as dist:
         # rank 0's choice, so that a default (timestamped) directory is the same on every rank
         run_dir = dist.broadcast(Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg))

@@ -147,7 +147,7 @@ def test_a_corpus_of_empty_lines_is_a_clean_error(corpus, tmp_path):
 # --- pretrained vectors ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, fragments", [
-    ("2 8\nMann " + " ".join(["0.1"] * 8) + "\nHund 0.1 0.2 zwei\n", ["line 3"]),
+    ("2 8\nMann " + " ".join(["0.1"] * 8) + "\nHund 0.1 0.2 zwei\n", ["line 3", "followed by 8 numbers"]),
     ("Mann " + " ".join(["0.1"] * 8) + "\nHund " + " ".join(["0.1"] * 5) + "\n", ["line 2"]),
     ("Mann " + " ".join(["0.1"] * 6) + "\n", ["dimension 6", "8"]),
 ], ids=["garbage", "ragged", "wrong-dimension"])
@@ -163,6 +163,7 @@ def test_a_missing_vectors_file_names_it(corpus, tmp_path):
     out = nmt_train(corpus, tmp_path / "run", corpus / "train.de", corpus / "train.en",
                     f"model.embeddings.src_vectors={tmp_path / 'none.vec'}")
     assert_clean_error(out, "none.vec")
+    assert not list((tmp_path / "run").glob("spm.*"))  # refused before the vocabulary was trained
 
 
 # --- an existing run directory ---------------------------------------------------------------------------------

@@ -44,6 +44,22 @@ def _missing(path: Path) -> NMTError:
     return NMTError(f"The vectors file {path} does not exist (model.embeddings.src_vectors / tgt_vectors).")
 
 
+def check_vectors_exist(*paths: str | None) -> None:
+    """Fail before any data preparation when a configured vectors file is missing."""
+    for path in paths:
+        if path is not None and not Path(path).is_file():
+            raise _missing(Path(path))
+
+
+def _all_numbers(fields: list[str]) -> bool:
+    try:
+        for field in fields:
+            float(field)
+    except ValueError:
+        return False
+    return True
+
+
 def detect_format(path: Path) -> str:
     """word2vec_text, glove or word2vec_binary, from the first line and the bytes after it."""
     path = Path(path)
@@ -109,6 +125,9 @@ def _text_vectors(handle: BinaryIO, path: Path, fmt: str, dim: int | None, keep,
         if dim is None:
             dim = len(fields) - 1
         if len(fields) - 1 != dim:
+            if not _all_numbers(fields[1:]):
+                raise NMTError(f"{path}, line {number}: expected a word followed by {dim} numbers, got {raw[:60]!r}. "
+                               f"Fix or delete that line.")
             if expected is None and number > 1 + (fmt == "word2vec_text"):
                 raise NMTError(f"{path}, line {number}: {len(fields) - 1} values, but the lines before have {dim}.")
             raise _dim_error(path, f"line {number}", len(fields) - 1, dim)
