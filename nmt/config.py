@@ -200,11 +200,14 @@ class ModelConfig:
     decoder_layers: int = 1
     dropout: float = 0.2  # on embeddings, encoder outputs and the output layer
     rnn_dropout: float = 0.0  # between stacked GRU layers
-    # Tying. The output layer reads a pre-output of size E, so its (V, E) matrix always fits the target
+    # Tying. The output layer reads a pre-output of size E by default, so its (V, E) matrix fits the target
     # embedding. tie_embeddings shares that matrix with the target embedding; tie_src_tgt shares the
     # source embedding with the target one (a joint vocabulary); both together are three-way tying.
     tie_embeddings: bool = False
     tie_src_tgt: bool = False
+    # the width of the deep-output layer that feeds the vocabulary projection; None = embedding_dim
+    # (which tie_embeddings needs). 512 gives the output layer of Joey NMT's recurrent decoder.
+    output_size: Optional[int] = None
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def __post_init__(self) -> None:
@@ -216,6 +219,14 @@ class ModelConfig:
         check_positive("model.decoder_layers", self.decoder_layers)
         check_probability("model.dropout", self.dropout)
         check_probability("model.rnn_dropout", self.rnn_dropout)
+        if self.output_size is not None:
+            check_positive("model.output_size", self.output_size)
+            if self.tie_embeddings and self.output_size != self.embedding_dim:
+                raise ConfigError(
+                    f"model.tie_embeddings=true shares the target embedding (dimension {self.embedding_dim}) with "
+                    f"the output projection, which reads model.output_size={self.output_size} values: set "
+                    f"model.output_size={self.embedding_dim} (or leave it unset), or model.tie_embeddings=false."
+                )
         emb = self.embeddings
         if self.tie_src_tgt and emb.freeze in ("src", "tgt"):
             raise ConfigError(

@@ -51,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
     parser.add_argument("--run", default=None, help="a trained run directory to decode with (its own vocabulary)")
+    parser.add_argument("--output-size", type=int, default=None,
+                        help="the deep-output width (model.output_size; default: the embedding size, 256); "
+                             "512 gives Joey NMT's output layer and about 66 MFLOP per target token")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "nmt-benchmark"),
                         help="where the 8k SentencePiece model is kept between runs")
     return parser.parse_args()
@@ -107,7 +110,8 @@ def flops_per_target_token(cfg: ModelConfig, vocab_size: int, batches: list[tupl
     sentences = sum(len(s) for s, _ in batches)
     attended = sum(int((s * t).sum()) for s, t in batches)  # sum over target steps of the source length
     encoder = 2 * 3 * H * (E + H) + 2 * H * A  # both directions' GRU, then the key projection, per source token
-    decoder = 3 * H * (E + 2 * H) + 3 * H * H + H * A + (H + 2 * H + E) * E + E * vocab_size  # per target token
+    O = cfg.output_size or E  # the deep-output width
+    decoder = 3 * H * (E + 2 * H) + 3 * H * H + H * A + (H + 2 * H + E) * O + O * vocab_size  # per target token
     attention = A + 2 * H  # per (target step, source position): v . tanh(.) and the weighted sum of states
     bridge = 2 * H * H  # per sentence
     macs = (encoder * src_tokens + decoder * tgt_tokens + attention * attended + bridge * sentences) / tgt_tokens
@@ -168,7 +172,7 @@ def main() -> int:
     result: dict = {"machine": {"platform": platform.platform(), "processor": cpu_name(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
                                 "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
-                    "quick": args.quick}
+                    "quick": args.quick, "output_size": args.output_size or ModelConfig().embedding_dim}
 
     print("matmul peak ...", file=sys.stderr, flush=True)
     result["peak_fp32_gflops"] = matmul_peak_gflops(device, torch.float32)
@@ -181,6 +185,7 @@ def main() -> int:
     corpus = EncodedCorpus.from_lists(vocab.encode(train_src, "src"), vocab.encode(train_tgt, "tgt"))
     cfg = TrainConfig()  # the defaults are the reference model: gru_base sizes, dropout 0.2, Adam, 4,096 tokens
     cfg.trainer.device = args.device
+    cfg.model.output_size = args.output_size
     batches = epoch_batches(corpus, cfg.data.batch_tokens, cfg.data.sort_pool, seed=1, epoch=0)
     timed = batches[warmup:warmup + steps]
     lengths = [(corpus.src_lens[b] + 1, corpus.tgt_lens[b] + 1) for b in timed]
@@ -226,7 +231,8 @@ def main() -> int:
 
 def table(r: dict) -> str:
     rows = [("matmul peak fp32 / bf16", f"{r['peak_fp32_gflops']:.0f} / {r['peak_bf16_gflops']:.0f} GFLOP/s"),
-            ("FLOPs per target token (train)", f"{r['flops_per_tgt_token'] / 1e6:.1f} MFLOP")]
+            ("FLOPs per target token (train)", f"{r['flops_per_tgt_token'] / 1e6:.1f} MFLOP "
+                                               f"(deep output {r['output_size']} wide)")]
     for precision in ("fp32", "bf16"):
         if f"train_{precision}" in r:
             t = r[f"train_{precision}"]

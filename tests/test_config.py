@@ -112,6 +112,8 @@ EMBEDDING_COMBINATIONS = [
     (["model.embeddings.unfreeze_after=-1", "model.embeddings.freeze=src"], ["unfreeze_after"]),
     (["model.embeddings.unfreeze_after=100", "model.embeddings.freeze=src"], None),
     (["model.embeddings.sparse=true", "model.tie_embeddings=true"], ["sparse", "tie_embeddings"]),
+    (["model.tie_embeddings=true", "model.output_size=512"], ["model.tie_embeddings", "model.output_size=512"]),
+    (["model.tie_embeddings=true", "model.output_size=48"], None),  # the debug model's E
     (["model.embeddings.sparse=true", "optim.weight_decay=0.01"], ["sparse", "optim.weight_decay"]),
     (["model.embeddings.sparse=true", "model.tie_src_tgt=true"], None),
     (["model.embeddings.vectors_lowercase=true"], ["vectors_lowercase", "src_vectors"]),

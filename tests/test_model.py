@@ -230,8 +230,10 @@ def test_fused_decoder_runs_under_bf16_autocast():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in decoder.parameters())
 
 
-def test_seq2seq_step_unrolled_equals_forward_log_probs():
-    model = tiny_model(decoder_layers=2, encoder_layers=2).eval()
+@pytest.mark.parametrize("overrides", [dict(decoder_layers=2, encoder_layers=2), dict(output_size=E + 5)])
+def test_seq2seq_step_unrolled_equals_forward_log_probs(overrides):
+    model = tiny_model(**overrides).eval()
+    assert model.output.in_features == overrides.get("output_size", E)
     src, tgt_in = make_src(), make_tgt_in()
     logits = model(src, SRC_LENS, tgt_in)
     assert logits.shape == (B, T, V)

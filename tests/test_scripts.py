@@ -1,10 +1,11 @@
-"""scripts/: the skip-gram vector trainer and the sparse-gradient benchmark."""
+"""scripts/: the skip-gram vector trainer, the sparse-gradient benchmark, the speed benchmark's FLOP count."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
@@ -71,3 +72,42 @@ def test_bench_sparse_writes_a_table_and_json(tmp_path):
     results = json.loads(report.read_text())["results"]
     assert [(r["vocab_size"], r["mode"], r["steps"]) for r in results] == [(300, "dense", 4), (300, "sparse", 4)]
     assert all(r["step_ms_median"] > 0 and r["optimizer_ms_median"] > 0 for r in results)
+
+
+def load_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPTS / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("output_size", [None, 24])
+def test_benchmark_flop_count_matches_torchs_count_of_a_training_step(output_size):
+    """The analytic FLOPs per target token (the MFU's numerator) against FlopCounterMode's count of the
+    matrix products in one real forward + backward, fused recurrence included."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nmt.config import ModelConfig
+    from nmt.data.batching import EncodedCorpus, collate
+    from nmt.loss import cross_entropy_sum
+    from nmt.model.seq2seq import build_model
+
+    cfg = ModelConfig(embedding_dim=16, hidden_size=20, attention_size=12, output_size=output_size, dropout=0.0)
+    vocab = 50
+    rng = np.random.default_rng(0)
+    # equal lengths, as in a length-bucketed batch: torch would also count work on padded positions
+    src = [rng.integers(4, vocab, 7).tolist() for _ in range(3)]
+    tgt = [rng.integers(4, vocab, 5).tolist() for _ in range(3)]
+    batch = collate(EncodedCorpus.from_lists(src, tgt), range(3))
+    model = build_model(cfg, vocab, vocab)
+    mask = batch.tgt_out != 0
+    with FlopCounterMode(display=False) as counter:
+        logits = model(batch.src_ids, batch.src_lens, batch.tgt_in, mask)
+        cross_entropy_sum(logits, batch.tgt_out[mask]).backward()
+    src_lens, tgt_lens = batch.src_lens.numpy(), mask.sum(1).numpy()
+    analytic = load_benchmark().flops_per_target_token(cfg, vocab, [(src_lens, tgt_lens)])["flops_per_tgt_token"]
+    measured = counter.get_total_flops() / int(mask.sum())
+    # the analytic count takes backward as twice forward for every product; torch counts each one
+    assert measured == pytest.approx(analytic, rel=0.03)

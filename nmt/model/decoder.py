@@ -28,7 +28,7 @@ def gru_update(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: to
 
 class Decoder(nn.Module):
     def __init__(self, embedding_dim: int, hidden_size: int, encoder_size: int, attention_size: int,
-                 num_layers: int, dropout: float, rnn_dropout: float):
+                 num_layers: int, dropout: float, rnn_dropout: float, output_size: int | None = None):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
@@ -40,7 +40,7 @@ class Decoder(nn.Module):
         self.cell = nn.GRUCell(embedding_dim + encoder_size, hidden_size)
         self.upper_cells = nn.ModuleList(nn.GRUCell(hidden_size, hidden_size) for _ in range(num_layers - 1))
         self.rnn_dropout = nn.Dropout(rnn_dropout)
-        self.pre_output = nn.Linear(hidden_size + encoder_size + embedding_dim, embedding_dim)
+        self.pre_output = nn.Linear(hidden_size + encoder_size + embedding_dim, output_size or embedding_dim)
         self.dropout = nn.Dropout(dropout)
 
     def init_hidden(self, encoder_final: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class Decoder(nn.Module):
         return layer_out, context, weights, torch.stack(new_hidden)
 
     def _output(self, top: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        """[s_i; c_i; embedding] (..., H + 2H + E) -> pre-output (..., E)."""
+        """[s_i; c_i; embedding] (..., H + 2H + E) -> pre-output (..., O), O = output_size (default E)."""
         return self.dropout(torch.tanh(self.pre_output(torch.cat([top, context, embedded], dim=-1))))
 
     def forward(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,

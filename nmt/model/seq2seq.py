@@ -36,8 +36,9 @@ class Seq2Seq(nn.Module):
         self.tgt_embed = Embeddings(tgt_vocab_size, E, PAD_ID, cfg.embeddings)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder = Encoder(E, H, cfg.encoder_layers, cfg.rnn_dropout, cfg.dropout)
-        self.decoder = Decoder(E, H, 2 * H, cfg.attention_size or H, cfg.decoder_layers, cfg.dropout, cfg.rnn_dropout)
-        self.output = nn.Linear(E, tgt_vocab_size)
+        O = cfg.output_size or E
+        self.decoder = Decoder(E, H, 2 * H, cfg.attention_size or H, cfg.decoder_layers, cfg.dropout, cfg.rnn_dropout, O)
+        self.output = nn.Linear(O, tgt_vocab_size)
         if cfg.tie_src_tgt:  # a joint vocabulary: one (V, E) matrix embeds both languages
             if src_vocab_size != tgt_vocab_size:
                 raise ValueError(f"tie_src_tgt needs one vocabulary, got sizes {src_vocab_size} and {tgt_vocab_size}")
