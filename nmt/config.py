@@ -375,9 +375,13 @@ class DecodeConfig:
     max_len_ratio: float = 1.5  # outputs stop at ratio * source length + 5 pieces
     n_best: int = 1
     batch_size: int = 64  # sentences per decoding batch
+    # bf16: the search's matrix products in bfloat16 (autocast); 1.6x to 1.9x faster beam search on a
+    # CPU with bf16 matrix units, at the same test2016 BLEU for our Multi30k run (README, Speed)
+    precision: str = "fp32"  # fp32 | bf16
 
     def __post_init__(self) -> None:
         key = self.PREFIX
+        check_choice(f"{key}precision", self.precision, ("fp32", "bf16"))
         check_positive(f"{key}beam_size", self.beam_size)
         check_non_negative(f"{key}alpha", self.alpha)
         check_positive(f"{key}max_len_ratio", self.max_len_ratio)

@@ -3,6 +3,7 @@ nmt-evaluate and nmt-translate share."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,9 @@ def translate_sentences(model: Seq2Seq, vocab: Vocab, sources: list[str], cfg: D
     batches = [[i for i in b if nonempty[i]] for b in decode_batches(lens, cfg.batch_size)]
     was_training = model.training
     model.eval()
-    with tqdm(total=int(nonempty.sum()), desc="decode", unit="sent", leave=False, disable=not progress) as bar:
+    # fp32 leaves any autocast of the caller (validation under trainer.precision) as it is
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    with bf16, tqdm(total=int(nonempty.sum()), desc="decode", unit="sent", leave=False, disable=not progress) as bar:
         for indices in filter(None, batches):
             batch = collate(corpus, indices, with_target=False).to(device)
             hyps = decode(model, batch.src_ids, batch.src_lens, cfg.beam_size, cfg.alpha, cfg.max_len_ratio,

@@ -72,7 +72,7 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
         "sentences": len(hypotheses), **score(hypotheses, data.tgt),
         "seconds": seconds, "sentences_per_s": len(hypotheses) / seconds, "tgt_tokens_per_s": tokens / seconds,
         "decoding": {"beam_size": cfg.eval.beam_size, "alpha": cfg.eval.alpha, "max_len_ratio": cfg.eval.max_len_ratio,
-                     "batch_size": cfg.eval.batch_size, "device": str(device)},
+                     "batch_size": cfg.eval.batch_size, "precision": cfg.eval.precision, "device": str(device)},
         "hypotheses": str(hyp_path), "references": str(ref_path),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

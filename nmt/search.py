@@ -131,25 +131,36 @@ def _gather_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, beam_size: int = 5,
                 alpha: float = 1.0, max_len_ratio: float = 1.5, n_best: int = 1,
-                keep_attention: bool = True) -> list[list[Hypothesis]]:
+                keep_attention: bool = True, stop_early: bool = True) -> list[list[Hypothesis]]:
     """src_ids (B, S), src_lens (B,) -> for each sentence its n_best hypotheses, best first.
 
     Each step scores the K x V continuations of every sentence and takes the top 2K: an eos among
     the first K finishes a hypothesis (normalised by the length penalty), the best K others go on.
-    A sentence is done once it holds K finished hypotheses.
+    A sentence is done once it holds K finished hypotheses, or earlier, once no alive beam can still
+    beat its n_best-th finished one. That stop changes no result: an alive beam's log-probability
+    only falls as it grows, and its length penalty can at most reach that of the sentence's length
+    bound, so log-probability / penalty(bound) bounds the score of everything it can still become.
     """
     K = beam_size
     beams = _expand(src_ids, src_lens, model, K)
-    limits = max_lengths(src_lens, max_len_ratio).to(src_ids.device)  # (B,)
+    device = src_ids.device
+    limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
+    largest_penalty = ((5.0 + limits.float()) / 6.0) ** alpha  # (B,) length_penalty at the bound
     finished: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
-    num_finished = torch.zeros(src_ids.size(0), dtype=torch.long, device=src_ids.device)  # (B,)
+    num_finished = torch.zeros(src_ids.size(0), dtype=torch.long, device=device)  # (B,)
+    nth_best = torch.full((src_ids.size(0),), float("-inf"), device=device)  # (B,) the n_best-th finished score
     for t in range(int(limits.max())):
         beams, ended = _beam_step(model, beams, limits, t, K, keep_attention)
         for n, j, tokens, log_prob, attention in ended:
             sentence = int(beams.active[n])
             finished[sentence].append(_hypothesis(tokens, log_prob, attention, int(src_lens[sentence]), alpha))
             num_finished[sentence] += 1
+            if len(finished[sentence]) >= n_best:
+                nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[n_best - 1]
+        reachable = beams.scores.max(dim=1).values / largest_penalty[beams.active]  # (N,) best possible score
         done = num_finished[beams.active] >= K  # (N,)
+        if stop_early:  # (a test compares with stop_early=False)
+            done |= nth_best[beams.active] >= reachable
         if done.all():
             break
         if done.any():

@@ -11,7 +11,8 @@ attention (512), dropout 0.2, batches of 4,096 target tokens. The script measure
     fp32 and bf16 autocast, through the trainer's own `train_step`;
   - the model's analytic FLOPs per target token (forward + backward = 3 x forward, from the layer
     sizes and the source/target lengths of the timed batches) and the MFU against the measured peak;
-  - greedy and beam-5 decoding of test2016 (sentences/s and output pieces/s) through the same
+  - greedy and beam-5 decoding of test2016 (sentences/s, output pieces/s and BLEU; beam 5 also with
+    bf16 matrix products, eval.precision=bf16) through the same
     `translate_sentences` that nmt-evaluate uses; with --run DIR a trained model is used, otherwise
     the benchmark's barely trained one, whose output lengths are not those of a real model (greedy
     runs to the length limit, beam search may stop at once), so only --run gives figures to report;
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sacrebleu
 import torch
 
 from nmt.config import DecodeConfig, ModelConfig, TrainConfig, VocabConfig
@@ -141,8 +143,9 @@ def measure_training(model: Seq2Seq, corpus: EncodedCorpus, batches: list[list[i
             "tgt_tokens_per_step": tokens / steps, "last_loss": losses[-1]}
 
 
-def measure_decoding(model: Seq2Seq, vocab: Vocab, sources: list[str], device: torch.device, beam_size: int) -> dict:
-    cfg = DecodeConfig(beam_size=beam_size, alpha=1.0 if beam_size > 1 else 0.0)
+def measure_decoding(model: Seq2Seq, vocab: Vocab, sources: list[str], references: list[str], device: torch.device,
+                     beam_size: int, precision: str = "fp32") -> dict:
+    cfg = DecodeConfig(beam_size=beam_size, alpha=1.0 if beam_size > 1 else 0.0, precision=precision)
     translate_sentences(model, vocab, sources[:64], cfg, device)  # warm-up
     synchronize(device)
     started = time.perf_counter()
@@ -150,8 +153,9 @@ def measure_decoding(model: Seq2Seq, vocab: Vocab, sources: list[str], device: t
     synchronize(device)
     seconds = time.perf_counter() - started
     pieces = sum(len(t.tgt_pieces) for t in translations)
+    bleu = sacrebleu.corpus_bleu([t.text for t in translations], [references]).score
     return {"sentences_per_s": len(sources) / seconds, "tokens_per_s": pieces / seconds,
-            "sentences": len(sources), "mean_output_pieces": pieces / len(sources)}
+            "sentences": len(sources), "mean_output_pieces": pieces / len(sources), "bleu": bleu}
 
 
 def read_lines(path: Path) -> list[str]:
@@ -207,6 +211,7 @@ def main() -> int:
         result["bf16_speedup"] = result["train_bf16"]["tgt_tokens_per_s"] / result["train_fp32"]["tgt_tokens_per_s"]
 
     test_sources = read_lines(multi30k / "test_2016_flickr.de")[:decode_count]
+    test_references = read_lines(multi30k / "test_2016_flickr.en")[:decode_count]
     if args.run:
         trained = load_trained(args.run, "best", device)
         decode_model, decode_vocab, result["decode_model"] = trained.model, trained.vocab, f"{args.run} (best)"
@@ -215,12 +220,14 @@ def main() -> int:
         result["decode_model"] = (f"the benchmark's model after {warmup + steps} steps: untrained, so greedy runs to "
                                   f"the length limit and beam search may stop at once; pass --run DIR of a trained "
                                   f"run for representative decoding figures")
-    for beam in (1, 5):
-        print(f"decoding, beam {beam} ...", file=sys.stderr, flush=True)
+    for beam, precision in ((1, "fp32"), (5, "fp32"), (5, "bf16")):
+        print(f"decoding, beam {beam}, {precision} ...", file=sys.stderr, flush=True)
         with torch.no_grad():
-            result[f"decode_beam{beam}"] = measure_decoding(decode_model, decode_vocab, test_sources, device, beam)
+            result[f"decode_beam{beam}" + ("_bf16" if precision == "bf16" else "")] = measure_decoding(
+                decode_model, decode_vocab, test_sources, test_references, device, beam, precision)
     result["greedy_sentences_per_s"] = result["decode_beam1"]["sentences_per_s"]
     result["beam5_sentences_per_s"] = result["decode_beam5"]["sentences_per_s"]
+    result["beam5_bf16_sentences_per_s"] = result["decode_beam5_bf16"]["sentences_per_s"]
     result["peak_rss_mb"] = peak_rss_mb()
 
     if args.out:
@@ -240,10 +247,11 @@ def table(r: dict) -> str:
                                                  f"({t['steps']} steps, {t['tgt_tokens_per_step']:,.0f} tok/step)"))
     if "bf16_speedup" in r:
         rows.append(("bf16 / fp32 training speed", f"{r['bf16_speedup']:.2f}x"))
-    for beam, name in ((1, "greedy"), (5, "beam 5")):
-        d = r[f"decode_beam{beam}"]
+    for key, name in (("decode_beam1", "greedy"), ("decode_beam5", "beam 5"), ("decode_beam5_bf16", "beam 5, bf16")):
+        d = r[key]
         rows.append((f"{name} decoding, test2016", f"{d['sentences_per_s']:.0f} sent/s, {d['tokens_per_s']:,.0f} tok/s "
-                                                   f"({d['sentences']} sentences, {d['mean_output_pieces']:.1f} pieces each)"))
+                                                   f"({d['sentences']} sentences, {d['mean_output_pieces']:.1f} pieces "
+                                                   f"each), BLEU {d['bleu']:.2f}"))
     rows.append(("decoded with", r["decode_model"]))
     rows.append(("peak RSS", f"{r['peak_rss_mb']:,.0f} MB"))
     machine = r["machine"]

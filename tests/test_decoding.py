@@ -67,3 +67,19 @@ def test_decoding_is_deterministic_in_training_mode_too(setup):
     first = [t.text for t in translate_sentences(model, vocab, sources, cfg, torch.device("cpu"))]
     second = [t.text for t in translate_sentences(model, vocab, sources, cfg, torch.device("cpu"))]
     assert first == second
+
+
+def test_bf16_decoding_runs_the_output_layer_in_bf16_and_fp32_keeps_the_callers_autocast(setup):
+    model, vocab, sources = setup
+    dtypes = []
+    model.output.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    device = torch.device("cpu")
+    fp32 = translate_sentences(model, vocab, sources, DecodeConfig(beam_size=3), device)
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    bf16 = translate_sentences(model, vocab, sources, DecodeConfig(beam_size=3, precision="bf16"), device)
+    assert set(dtypes) == {torch.bfloat16} and len(bf16) == len(fp32)
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # validation under trainer.precision=bf16
+        translate_sentences(model, vocab, sources, DecodeConfig(beam_size=3), device)
+    assert set(dtypes) == {torch.bfloat16}

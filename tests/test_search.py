@@ -189,3 +189,14 @@ def test_search_leaves_the_model_state_alone(trained_model, sources):
     assert all(torch.equal(before[k], v) for k, v in trained_model.state_dict().items())
     first = decode(trained_model, src_ids, src_lens, beam_size=3)
     assert [n[0].tokens for n in decode(trained_model, src_ids, src_lens, beam_size=3)] == [n[0].tokens for n in first]
+
+
+@pytest.mark.parametrize("alpha, n_best", [(0.0, 1), (1.0, 1), (1.0, 3), (2.0, 2)])
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_stopping_once_no_beam_can_win_changes_no_result(which, alpha, n_best, trained_model, random_model, sources):
+    model = trained_model if which == "trained" else random_model
+    src_ids, src_lens = sources
+    early = beam_search(model, src_ids, src_lens, beam_size=4, alpha=alpha, n_best=n_best)
+    full = beam_search(model, src_ids, src_lens, beam_size=4, alpha=alpha, n_best=n_best, stop_early=False)
+    assert [[(h.tokens, h.score) for h in nbest] for nbest in early] == \
+           [[(h.tokens, h.score) for h in nbest] for nbest in full]
