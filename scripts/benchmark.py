@@ -37,7 +37,9 @@ import torch
 from nmt.config import DecodeConfig, ModelConfig, TrainConfig, VocabConfig
 from nmt.data.batching import EncodedCorpus, collate, epoch_batches
 from nmt.data.vocab import Vocab
+from nmt.data.sources import multi30k_paths
 from nmt.decoding import translate_sentences
+from nmt.errors import NMTError
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.precision import Precision
 from nmt.run import load_trained
@@ -46,7 +48,8 @@ from nmt.train import build_optimizer, train_step
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data", help="the data directory holding multi30k/ (default: data)")
+    parser.add_argument("--data-dir", default="data",
+                        help="the data directory holding multi30k/, downloaded there if missing (default: data)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--quick", action="store_true", help="fewer steps and sentences: about 3 minutes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -167,11 +170,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    multi30k = Path(args.data_dir) / "multi30k"
-    if not (multi30k / "train.de").is_file():
-        print(f"benchmark: no Multi30k in {multi30k}; pass --data-dir (e.g. ../shared/data)", file=sys.stderr)
+    try:  # as nmt-train does: download into the data directory on first use, else a clear error
+        train, test = (multi30k_paths(Path(args.data_dir), stem, "de", "en") for stem in ("train", "test_2016_flickr"))
+    except NMTError as error:
+        print(f"benchmark: error: {error} (here: --data-dir)", file=sys.stderr)
         return 2
-    warmup, steps, decode_count = (3, 12, 500) if args.quick else (5, 40, 1000)
+    warmup, steps, decode_count = (4, 24, 500) if args.quick else (5, 40, 1000)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     result: dict = {"machine": {"platform": platform.platform(), "processor": cpu_name(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
@@ -183,7 +187,7 @@ def main() -> int:
     result["peak_bf16_gflops"] = matmul_peak_gflops(device, torch.bfloat16)
 
     print("vocabulary and data ...", file=sys.stderr, flush=True)
-    train_src, train_tgt = read_lines(multi30k / "train.de"), read_lines(multi30k / "train.en")
+    train_src, train_tgt = read_lines(train.src), read_lines(train.tgt)
     vocab = Vocab.build(Path(args.cache_dir) / "multi30k_de_en_unigram8k", train_src, train_tgt,
                         VocabConfig(size=8000), seed=1)
     corpus = EncodedCorpus.from_lists(vocab.encode(train_src, "src"), vocab.encode(train_tgt, "tgt"))
@@ -210,8 +214,7 @@ def main() -> int:
     if "fp32" in precisions and "bf16" in precisions:
         result["bf16_speedup"] = result["train_bf16"]["tgt_tokens_per_s"] / result["train_fp32"]["tgt_tokens_per_s"]
 
-    test_sources = read_lines(multi30k / "test_2016_flickr.de")[:decode_count]
-    test_references = read_lines(multi30k / "test_2016_flickr.en")[:decode_count]
+    test_sources, test_references = read_lines(test.src)[:decode_count], read_lines(test.tgt)[:decode_count]
     if args.run:
         trained = load_trained(args.run, "best", device)
         decode_model, decode_vocab, result["decode_model"] = trained.model, trained.vocab, f"{args.run} (best)"
