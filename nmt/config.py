@@ -297,6 +297,9 @@ class TrainerConfig:
     deterministic: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf updates in a row (each is skipped)
+    # also keep the weights of the last N validations (checkpoints/val-STEP.pt, model only), for
+    # scripts/average_checkpoints.py; 0 = keep none
+    keep_checkpoints: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the decoder's step; falls back to eager with a warning
     dist_timeout: str = "2h"  # under torchrun: how long a rank waits for the others (rank 0 prepares the data alone)
@@ -316,6 +319,7 @@ class TrainerConfig:
         check_positive("trainer.val_max_len_ratio", self.val_max_len_ratio)
         check_non_negative("trainer.num_threads", self.num_threads)
         check_positive("trainer.max_nonfinite_steps", self.max_nonfinite_steps)
+        check_non_negative("trainer.keep_checkpoints", self.keep_checkpoints)
         check_choice("trainer.precision", self.precision, PRECISIONS)
         parse_duration("trainer.dist_timeout", self.dist_timeout)
 

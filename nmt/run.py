@@ -109,8 +109,8 @@ class TrainedRun:
 
 
 def checkpoint_path(files: RunFiles, name: str) -> Path:
-    """best | last | step0, or a path to a .pt file."""
-    if name in ("best", "last", "step0"):
+    """best | last | step0 | averaged (scripts/average_checkpoints.py), or a path to a .pt file."""
+    if name in ("best", "last", "step0", "averaged"):
         return files.checkpoint(name)
     return Path(name)
 

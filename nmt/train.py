@@ -287,6 +287,15 @@ class Trainer:
                                  self.precision.state_dict())
         save_checkpoint(state, self.files.checkpoint(name), keep_previous=name == "last")
 
+    def keep_validation_weights(self, keep: int) -> None:
+        """checkpoints/val-STEP.pt (the model alone) for this validation; only the newest `keep` stay."""
+        weights = getattr(self.model, "module", self.model).state_dict()
+        path = self.files.checkpoint(f"val-{self.state.step:08d}")
+        save_checkpoint({"model": weights, "step": self.state.step, "config": self.cfg_dict}, path)
+        kept = sorted(path.parent.glob("val-*.pt"))
+        for old in kept[:-keep]:
+            old.unlink()
+
     def resume(self) -> None:
         # on the CPU first: RNG states must stay there; load_state_dict moves the rest to the model's device
         checkpoint, path = load_latest(self.files.checkpoint("last"), map_location="cpu")
@@ -479,6 +488,8 @@ class Trainer:
             plot_embedding_drift(self.files.metrics, self.files.run_dir / "embedding_drift.png")
         if improved:
             self.save("best")
+        if cfg.keep_checkpoints and self.dist.is_main:
+            self.keep_validation_weights(cfg.keep_checkpoints)
         self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
         if self.dist.is_main:
             plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")

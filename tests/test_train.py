@@ -406,3 +406,22 @@ def test_sparse_gradients_train_and_resume(shared_data_dir, tmp_path):
     assert not torch.equal(last[SRC_EMBED], step0[SRC_EMBED])
     optimizer = load_checkpoint(reference / "checkpoints" / "last.pt")["optimizer"]
     assert [g["sparse"] for g in optimizer["param_groups"]] == [False, True]
+
+
+def test_kept_validation_weights_average_into_a_checkpoint_that_evaluates(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.keep_checkpoints=2", "trainer.validate_every=2", "trainer.max_steps=6")
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("val-*.pt"))
+    assert kept == ["val-00000004.pt", "val-00000006.pt"]  # the validation at step 2 was dropped
+    assert_same_weights(weights(run_dir, "val-00000006"), weights(run_dir, "last"))
+    out = run_cli(sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), "--run", str(run_dir), "--last", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b, mean = (weights(run_dir, name) for name in ("val-00000004", "val-00000006", "averaged"))
+    for key in mean:
+        if mean[key].is_floating_point():
+            assert torch.allclose(mean[key], (a[key] + b[key]) / 2, atol=1e-7), key
+    assert not torch.equal(mean["output.weight"], b["output.weight"])
+    evaluated = run_cli("nmt-evaluate", f"run={run_dir}", "eval.checkpoint=averaged", "eval.beam_size=1")
+    assert evaluated.returncode == 0 and "averaged.pt" in (run_dir / "eval" / "test.json").read_text()
+    too_many = run_cli(sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), "--run", str(run_dir), "--last", "3")
+    assert too_many.returncode == 2 and "trainer.keep_checkpoints=3" in too_many.stderr

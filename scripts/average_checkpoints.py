@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Average the weights of a run's last N validation checkpoints into checkpoints/averaged.pt.
+
+    nmt-train ... trainer.keep_checkpoints=5           # keeps checkpoints/val-STEP.pt of the last 5 validations
+    python scripts/average_checkpoints.py --run runs/x --last 5
+    nmt-evaluate run=runs/x eval.checkpoint=averaged
+
+Every floating-point tensor of the model's state_dict is the mean of the N checkpoints' tensors
+(accumulated in float64); other tensors are taken from the newest. The result is a model-only
+checkpoint that nmt-evaluate, nmt-translate and nmt-embeddings load like best.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.errors import NMTError
+
+
+def average(paths: list[Path]) -> dict:
+    """The checkpoints' model weights averaged; `step` and `config` of the newest."""
+    states = [load_checkpoint(path) for path in paths]
+    newest = states[-1]
+    averaged = {}
+    for key, tensor in newest["model"].items():
+        if not tensor.is_floating_point():
+            averaged[key] = tensor
+            continue
+        total = sum(state["model"][key].double() for state in states)
+        averaged[key] = (total / len(states)).to(tensor.dtype)
+    return {"model": averaged, "step": newest.get("step"), "config": newest.get("config"),
+            "averaged_from": [path.name for path in paths]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="a run directory trained with trainer.keep_checkpoints=N")
+    parser.add_argument("--last", type=int, default=5, help="how many of the newest validation checkpoints")
+    args = parser.parse_args()
+    folder = Path(args.run) / "checkpoints"
+    found = sorted(folder.glob("val-*.pt"))
+    try:
+        if args.last < 1:
+            raise NMTError(f"--last must be at least 1, got {args.last}.")
+        if len(found) < args.last:
+            raise NMTError(f"{folder} holds {len(found)} validation checkpoint(s) (val-*.pt), fewer than --last "
+                           f"{args.last}. Train with trainer.keep_checkpoints={args.last} (or more), or average fewer.")
+        chosen = found[-args.last:]
+        save_checkpoint(average(chosen), folder / "averaged.pt")
+    except NMTError as error:
+        print(f"average_checkpoints: error: {error}", file=sys.stderr)
+        return 2
+    print(f"averaged {', '.join(p.name for p in chosen)} into {folder / 'averaged.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
