@@ -26,7 +26,7 @@ class Hypothesis:
     attention: torch.Tensor | None  # (T + 1, S): a row per output token and the eos, real source positions
 
 
-def length_penalty(length: int, alpha: float) -> float:
+def length_penalty(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
     """GNMT's ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, section 7); |Y| counts the eos."""
     return ((5.0 + length) / 6.0) ** alpha
 
@@ -145,7 +145,7 @@ def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, b
     beams = _expand(src_ids, src_lens, model, K)
     device = src_ids.device
     limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
-    largest_penalty = ((5.0 + limits.float()) / 6.0) ** alpha  # (B,) length_penalty at the bound
+    largest_penalty = length_penalty(limits.float(), alpha)  # (B,) the penalty at the length bound
     finished: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
     num_finished = torch.zeros(src_ids.size(0), dtype=torch.long, device=device)  # (B,)
     nth_best = torch.full((src_ids.size(0),), float("-inf"), device=device)  # (B,) the n_best-th finished score
@@ -157,9 +157,9 @@ def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, b
             num_finished[sentence] += 1
             if len(finished[sentence]) >= n_best:
                 nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[n_best - 1]
-        reachable = beams.scores.max(dim=1).values / largest_penalty[beams.active]  # (N,) best possible score
         done = num_finished[beams.active] >= K  # (N,)
         if stop_early:  # (a test compares with stop_early=False)
+            reachable = beams.scores.max(dim=1).values / largest_penalty[beams.active]  # (N,) best possible score
             done |= nth_best[beams.active] >= reachable
         if done.all():
             break
