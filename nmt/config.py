@@ -254,12 +254,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip_grad_norm: float = 1.0  # 0 disables clipping
     label_smoothing: float = 0.1
-    scheduler: str = "plateau"  # plateau | inverse_sqrt | none
+    scheduler: str = "plateau"  # plateau | inverse_sqrt | linear | cosine | none
     # plateau: multiply lr by `factor` after `patience` validations without improvement
     factor: float = 0.5
     patience: int = 2
     min_lr: float = 1e-6
     # inverse_sqrt: linear warmup, then lr * sqrt(warmup_steps / step)
+    # linear, cosine: linear warmup (0 = none), then a fall from lr to min_lr over the training budget,
+    # whichever of trainer.max_steps, trainer.max_time and trainer.max_epochs ends training first
     warmup_steps: int = 1000
 
     def __post_init__(self) -> None:
@@ -271,12 +273,18 @@ class OptimConfig:
         check_non_negative("optim.weight_decay", self.weight_decay)
         check_non_negative("optim.clip_grad_norm", self.clip_grad_norm)
         check_probability("optim.label_smoothing", self.label_smoothing)
-        check_choice("optim.scheduler", self.scheduler, ("plateau", "inverse_sqrt", "none"))
+        check_choice("optim.scheduler", self.scheduler, ("plateau", "inverse_sqrt", "linear", "cosine", "none"))
         if not 0 < self.factor < 1:
             raise ConfigError(f"optim.factor must lie in (0, 1), got {self.factor}.")
         check_non_negative("optim.patience", self.patience)
         check_non_negative("optim.min_lr", self.min_lr)
-        check_positive("optim.warmup_steps", self.warmup_steps)
+        check_non_negative("optim.warmup_steps", self.warmup_steps)
+        if self.scheduler == "inverse_sqrt":
+            check_positive("optim.warmup_steps", self.warmup_steps)
+        if self.scheduler in ("linear", "cosine") and self.min_lr >= self.lr:
+            raise ConfigError(f"optim.scheduler={self.scheduler} lowers the learning rate from optim.lr to "
+                              f"optim.min_lr, but optim.min_lr={self.min_lr:g} is not below optim.lr={self.lr:g}: "
+                              f"lower optim.min_lr.")
 
 
 @dataclass

@@ -107,7 +107,43 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
         warmup = optim.warmup_steps
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
+    if optim.scheduler in ("linear", "cosine"):
+        return BudgetSchedule(optimizer, optim.scheduler, optim.lr, optim.min_lr, optim.warmup_steps)
     return None
+
+
+class BudgetSchedule:
+    """optim.scheduler=linear|cosine: after `warmup_steps` of linear warmup, the learning rate falls from
+    `lr` to `min_lr` as training uses up its budget (whichever of trainer.max_steps, max_time and
+    max_epochs ends it first). The trainer measures that progress after every step and calls `update`.
+
+    Tied to trainer.max_time, the fall ends when the time does, on a fast machine or a slow one: the
+    schedule that suits a fixed time budget (Li, Yumer and Ramanan 2020, "Budgeted training", found a
+    linear fall to zero the best of those they tried). The state is the optimizer's learning rate and the
+    trainer's progress, both in the checkpoint, so there is nothing of its own to save.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, shape: str, lr: float, min_lr: float, warmup_steps: int):
+        self.optimizer, self.shape, self.lr, self.min_lr, self.warmup_steps = optimizer, shape, lr, min_lr, warmup_steps
+        self.update(0, 0.0)
+
+    def rate(self, step: int, progress: float) -> float:
+        """The learning rate for update `step + 1`, with `progress` (0..1) of the budget used."""
+        progress = min(1.0, max(0.0, progress))
+        fall = 1.0 - progress if self.shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return warmup * (self.min_lr + (self.lr - self.min_lr) * fall)
+
+    def update(self, step: int, progress: float) -> None:
+        rate = self.rate(step, progress)
+        for group in self.optimizer.param_groups:  # groups added by unfreezing included
+            group["lr"] = rate
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 # --- one step and validation -----------------------------------------------------------------------
@@ -404,6 +440,8 @@ class Trainer:
             end_of_epoch = state.batch_in_epoch == len(batches)
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if isinstance(self.scheduler, BudgetSchedule):
+                self.scheduler.update(state.step, self.budget_used(max_seconds))
             if self.interrupted:
                 state.stop_reason = "interrupted"
                 break  # run() saves last.pt; validating now would keep the user waiting
@@ -448,12 +486,24 @@ class Trainer:
         if after and step >= after and unfreeze_embeddings(self.model, self.optimizer, self.scheduler):
             log.info("step %d: embeddings unfrozen (model.embeddings.unfreeze_after=%d)", step, after)
 
+    def budget_used(self, max_seconds: float | None) -> float:
+        """The share (0..1) of the training budget used: the largest of the shares of trainer.max_epochs,
+        max_steps and max_time, as whichever of them is nearest its end stops training."""
+        cfg, state = self.cfg.trainer, self.state
+        shares = [(state.epoch + state.batch_in_epoch / self.epoch_size) / cfg.max_epochs]
+        if cfg.max_steps:
+            shares.append(state.step / cfg.max_steps)
+        if max_seconds is not None:
+            shares.append(state.elapsed / max_seconds)
+        return min(1.0, max(shares))
+
     def limit_reached(self, max_seconds: float | None) -> str:
         """Why to stop after this step, or "". Every rank gets the same answer (and learns of a signal
-        that reached another rank), so all stop at the same step."""
+        that reached another rank), so all stop at the same step. The ranks also agree on the elapsed
+        time (the longest of theirs), which a time-budget learning-rate schedule reads."""
         cfg, state = self.cfg.trainer, self.state
+        signum, state.elapsed = self.dist.max([float(self.interrupted), state.elapsed])
         time_up = max_seconds is not None and state.elapsed >= max_seconds
-        signum, time_up = self.dist.max([float(self.interrupted), float(time_up)])
         self.interrupted = int(signum)
         if cfg.max_steps and state.step >= cfg.max_steps:
             return f"trainer.max_steps={cfg.max_steps} reached"

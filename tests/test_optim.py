@@ -12,7 +12,8 @@ from nmt.config import EmbeddingConfig, ModelConfig, OptimConfig, TrainConfig
 from nmt.data.vocab import PAD_ID
 from nmt.model.seq2seq import build_model
 from nmt.optim import SparseDenseAdam, build_adam, clip_grad_norm, frozen_embeddings, unfreeze_embeddings
-from nmt.train import build_optimizer, build_scheduler
+from nmt.config import ConfigError
+from nmt.train import BudgetSchedule, build_optimizer, build_scheduler
 
 V, E, H = 20, 6, 5
 
@@ -90,7 +91,7 @@ def test_clip_grad_norm_with_sparse_gradients_equals_the_dense_computation():
         assert torch.allclose(d.grad, grad, atol=1e-7), name
 
 
-@pytest.mark.parametrize("scheduler", ["inverse_sqrt", "plateau"])
+@pytest.mark.parametrize("scheduler", ["inverse_sqrt", "plateau", "linear"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_unfreezing_adds_the_tables_to_optimizer_and_scheduler(scheduler, sparse):
     cfg = TrainConfig(model=ModelConfig(embedding_dim=E, hidden_size=H, dropout=0.0,
@@ -116,7 +117,13 @@ def test_unfreezing_adds_the_tables_to_optimizer_and_scheduler(scheduler, sparse
         optimizer.zero_grad()
         loss_of(model, step).backward()
         optimizer.step()
-        lr_scheduler.step() if scheduler == "inverse_sqrt" else lr_scheduler.step(1.0)  # plateau: no improvement
+        if scheduler == "inverse_sqrt":
+            lr_scheduler.step()
+        elif scheduler == "linear":
+            lr_scheduler.update(step + 1, (step + 1) / 4)
+        else:
+            lr_scheduler.step(1.0)  # plateau: no improvement
+        assert optimizer.param_groups[0]["lr"] < cfg.optim.lr or scheduler != "linear"
         assert optimizer.param_groups[1]["lr"] == optimizer.param_groups[0]["lr"]
     assert not torch.equal(model.src_embed.weight, frozen)
     # the optimizer and scheduler states load into a run that unfroze the same way (a resume)
@@ -147,3 +154,25 @@ def test_a_dense_gradient_in_a_sparse_group_is_refused():
     table.grad = torch.ones(3, 2)
     with pytest.raises(RuntimeError, match="dense gradient"):
         optimizer.step()
+
+
+def test_budget_schedules_fall_from_lr_to_min_lr_after_warmup():
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=1.0)
+    linear = BudgetSchedule(optimizer, "linear", lr=1e-3, min_lr=1e-4, warmup_steps=0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # set at once, for the first update
+    assert [linear.rate(0, p) for p in (0.0, 0.5, 1.0, 1.5)] == pytest.approx([1e-3, 5.5e-4, 1e-4, 1e-4])
+    cosine = BudgetSchedule(optimizer, "cosine", lr=1e-3, min_lr=0.0, warmup_steps=0)
+    assert [cosine.rate(0, p) for p in (0.0, 0.25, 0.5, 1.0)] == pytest.approx([1e-3, 8.5355e-4, 5e-4, 0.0], abs=1e-8)
+    warm = BudgetSchedule(optimizer, "linear", lr=1e-3, min_lr=0.0, warmup_steps=10)
+    assert warm.rate(0, 0.0) == pytest.approx(1e-4) and warm.rate(9, 0.0) == pytest.approx(1e-3)
+    assert warm.rate(4, 0.5) == pytest.approx(0.5 * 5e-4)  # warmup and fall multiply
+    warm.update(19, 0.25)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-4)
+
+
+def test_budget_schedule_settings_are_checked():
+    with pytest.raises(ConfigError, match="optim.min_lr"):
+        OptimConfig(scheduler="linear", lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
+        OptimConfig(scheduler="inverse_sqrt", warmup_steps=0)
+    assert OptimConfig(scheduler="cosine", warmup_steps=0).warmup_steps == 0

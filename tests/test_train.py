@@ -425,3 +425,33 @@ def test_kept_validation_weights_average_into_a_checkpoint_that_evaluates(shared
     assert evaluated.returncode == 0 and "averaged.pt" in (run_dir / "eval" / "test.json").read_text()
     too_many = run_cli(sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), "--run", str(run_dir), "--last", "3")
     assert too_many.returncode == 2 and "trainer.keep_checkpoints=3" in too_many.stderr
+
+
+# --- learning-rate schedules over the training budget ------------------------------------------------------
+
+def test_linear_schedule_falls_with_the_steps_and_resumes_after_a_crash_as_if_uninterrupted(shared_data_dir, tmp_path):
+    extra = ["optim.scheduler=linear", "optim.warmup_steps=0", "optim.lr=0.003", "optim.min_lr=0.0003",
+             "trainer.max_steps=8", "trainer.validate_every=2"]
+    reference = tmp_path / "reference"
+    train(shared_data_dir, reference, *extra)
+    # after update k of 8 the rate is 0.003 - 0.0027 * k / 8: each validation logs the rate for the next update
+    assert [r["lr"] for r in val_records(reference)] == pytest.approx([0.003 - 0.0027 * k / 8 for k in (2, 4, 6, 8)])
+    run_dir = tmp_path / "run"
+    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
+    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=4), *args)
+    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
+    assert_same_weights(weights(run_dir, "last"), weights(reference, "last"))
+    assert val_records(run_dir) == val_records(reference)
+
+
+def test_a_time_budget_schedule_ends_at_min_lr_when_the_time_is_up(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "optim.scheduler=cosine", "optim.warmup_steps=0", "optim.min_lr=0.00001",
+          "trainer.max_time=6s", "trainer.max_epochs=100", "trainer.validate_every=5")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert len(val) >= 2 and val[-1]["elapsed"] >= 6
+    lrs = [r["lr"] for r in val]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 5e-3  # falling from optim.lr (debug: 5e-3) from the start
+    assert val[-1]["lr"] == pytest.approx(1e-5)  # the step that used the time up set the floor
