@@ -325,9 +325,8 @@ class Trainer:
 
     def keep_validation_weights(self, keep: int) -> None:
         """checkpoints/val-STEP.pt (the model alone) for this validation; only the newest `keep` stay."""
-        weights = getattr(self.model, "module", self.model).state_dict()
         path = self.files.checkpoint(f"val-{self.state.step:08d}")
-        save_checkpoint({"model": weights, "step": self.state.step, "config": self.cfg_dict}, path)
+        save_checkpoint({"model": self.model.state_dict(), "step": self.state.step, "config": self.cfg_dict}, path)
         kept = sorted(path.parent.glob("val-*.pt"))
         for old in kept[:-keep]:
             old.unlink()

@@ -46,6 +46,11 @@ from nmt.run import load_trained
 from nmt.train import build_optimizer, train_step
 
 
+# the decodings of test2016 that the benchmark times: JSON key, table name, beam size, precision
+DECODINGS = (("decode_beam1", "greedy", 1, "fp32"), ("decode_beam5", "beam 5", 5, "fp32"),
+             ("decode_beam5_bf16", "beam 5, bf16", 5, "bf16"))
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data",
@@ -223,11 +228,11 @@ def main() -> int:
         result["decode_model"] = (f"the benchmark's model after {warmup + steps} steps: untrained, so greedy runs to "
                                   f"the length limit and beam search may stop at once; pass --run DIR of a trained "
                                   f"run for representative decoding figures")
-    for beam, precision in ((1, "fp32"), (5, "fp32"), (5, "bf16")):
-        print(f"decoding, beam {beam}, {precision} ...", file=sys.stderr, flush=True)
+    for key, name, beam, precision in DECODINGS:
+        print(f"decoding, {name} ...", file=sys.stderr, flush=True)
         with torch.no_grad():
-            result[f"decode_beam{beam}" + ("_bf16" if precision == "bf16" else "")] = measure_decoding(
-                decode_model, decode_vocab, test_sources, test_references, device, beam, precision)
+            result[key] = measure_decoding(decode_model, decode_vocab, test_sources, test_references, device, beam,
+                                           precision)
     result["greedy_sentences_per_s"] = result["decode_beam1"]["sentences_per_s"]
     result["beam5_sentences_per_s"] = result["decode_beam5"]["sentences_per_s"]
     result["beam5_bf16_sentences_per_s"] = result["decode_beam5_bf16"]["sentences_per_s"]
@@ -250,7 +255,7 @@ def table(r: dict) -> str:
                                                  f"({t['steps']} steps, {t['tgt_tokens_per_step']:,.0f} tok/step)"))
     if "bf16_speedup" in r:
         rows.append(("bf16 / fp32 training speed", f"{r['bf16_speedup']:.2f}x"))
-    for key, name in (("decode_beam1", "greedy"), ("decode_beam5", "beam 5"), ("decode_beam5_bf16", "beam 5, bf16")):
+    for key, name, _, _ in DECODINGS:
         d = r[key]
         rows.append((f"{name} decoding, test2016", f"{d['sentences_per_s']:.0f} sent/s, {d['tokens_per_s']:,.0f} tok/s "
                                                    f"({d['sentences']} sentences, {d['mean_output_pieces']:.1f} pieces "
