@@ -200,6 +200,9 @@ class ModelConfig:
     decoder_layers: int = 1
     dropout: float = 0.2  # on embeddings, encoder outputs and the output layer
     rnn_dropout: float = 0.0  # between stacked GRU layers
+    # while training, each source token and each target input token is dropped whole (its embedding
+    # zeroed, the rest scaled by 1/(1-p)) with this probability: word dropout (Gal & Ghahramani 2016)
+    word_dropout: float = 0.0
     # Tying. The output layer reads a pre-output of size E by default, so its (V, E) matrix fits the target
     # embedding. tie_embeddings shares that matrix with the target embedding; tie_src_tgt shares the
     # source embedding with the target one (a joint vocabulary); both together are three-way tying.
@@ -219,6 +222,7 @@ class ModelConfig:
         check_positive("model.decoder_layers", self.decoder_layers)
         check_probability("model.dropout", self.dropout)
         check_probability("model.rnn_dropout", self.rnn_dropout)
+        check_probability("model.word_dropout", self.word_dropout)
         if self.output_size is not None:
             check_positive("model.output_size", self.output_size)
             if self.tie_embeddings and self.output_size != self.embedding_dim:

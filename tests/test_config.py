@@ -77,6 +77,7 @@ def test_unknown_experiment_lists_the_choices(capsys):
 
 @pytest.mark.parametrize("override, key", [
     ("model.dropout=1.5", "model.dropout"),
+    ("model.word_dropout=1.0", "model.word_dropout"),
     ("data.vocab.type=wordpiece", "data.vocab.type"),
     ("trainer.max_time=soon", "trainer.max_time"),
     ("optim.betas=[0.9]", "optim.betas"),

@@ -15,7 +15,7 @@ from nmt.model.decoder import Decoder, gru_update
 from nmt.model.embedding import Embeddings, init_embedding_
 from nmt.model.encoder import Encoder
 from nmt.model.recurrence import AttentionGRUUnroll
-from nmt.model.seq2seq import build_model
+from nmt.model.seq2seq import WordDropout, build_model
 
 B, S, T, E, H, A, V = 3, 5, 4, 4, 6, 5, 11
 SRC_LENS = torch.tensor([5, 3, 1])
@@ -40,7 +40,7 @@ def make_tgt_in() -> torch.Tensor:
 
 
 def tiny_model(**overrides):
-    cfg = ModelConfig(embedding_dim=E, hidden_size=H, attention_size=A, dropout=0.3, **overrides)
+    cfg = ModelConfig(**{"embedding_dim": E, "hidden_size": H, "attention_size": A, "dropout": 0.3, **overrides})
     return build_model(cfg, V, V)
 
 
@@ -253,6 +253,25 @@ def test_dropout_acts_only_in_training_mode():
     assert torch.equal(model(src, SRC_LENS, tgt_in), model(src, SRC_LENS, tgt_in))
     model.train()
     assert not torch.equal(model(src, SRC_LENS, tgt_in), model(src, SRC_LENS, tgt_in))
+
+
+def test_word_dropout_drops_whole_tokens_in_training_only():
+    torch.manual_seed(0)
+    drop = WordDropout(0.25)
+    x = torch.rand(64, 50, 7) + 0.5  # no zero features of its own
+    y = drop(x)
+    dropped = (y == 0).all(-1)  # (B, L)
+    assert torch.equal(dropped, (y == 0).any(-1))  # a token goes whole or not at all
+    assert abs(dropped.float().mean().item() - 0.25) < 0.02
+    assert torch.allclose(y[~dropped], x[~dropped] / 0.75)
+    assert torch.equal(drop.eval()(x), x)
+    # in the model, training differs from eval even with no other dropout, and eval is deterministic
+    model = tiny_model(dropout=0.0, word_dropout=0.3)
+    src, tgt_in = make_src(), make_tgt_in()
+    assert not torch.equal(model.train()(src, SRC_LENS, tgt_in), model(src, SRC_LENS, tgt_in))
+    plain = tiny_model(dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model.eval()(src, SRC_LENS, tgt_in), plain.eval()(src, SRC_LENS, tgt_in))
 
 
 def test_tied_embeddings_share_one_tensor():

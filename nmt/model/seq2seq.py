@@ -28,6 +28,27 @@ class EncoderOutput:
                              self.mask.index_select(0, rows))
 
 
+class WordDropout(nn.Module):
+    """Training only: zero whole token vectors of (B, L, E) with probability p, scale the kept ones by 1/(1-p).
+
+    Unlike nn.Dropout, which drops single features, a dropped token leaves the model to guess it from its
+    context, a regulariser for small corpora. Padding rows are zero anyway.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, embedded: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return embedded
+        keep = torch.empty(embedded.shape[:-1] + (1,), device=embedded.device, dtype=embedded.dtype)
+        return embedded * keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
         super().__init__()
@@ -35,6 +56,7 @@ class Seq2Seq(nn.Module):
         self.src_embed = Embeddings(src_vocab_size, E, PAD_ID, cfg.embeddings)
         self.tgt_embed = Embeddings(tgt_vocab_size, E, PAD_ID, cfg.embeddings)
         self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.word_dropout = WordDropout(cfg.word_dropout)
         self.encoder = Encoder(E, H, cfg.encoder_layers, cfg.rnn_dropout, cfg.dropout)
         O = cfg.output_size or E
         self.decoder = Decoder(E, H, 2 * H, cfg.attention_size or H, cfg.decoder_layers, cfg.dropout, cfg.rnn_dropout, O)
@@ -46,9 +68,12 @@ class Seq2Seq(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tgt_embed.weight  # one (V, E) matrix reads and writes pieces
 
+    def _dropped(self, embedded: torch.Tensor) -> torch.Tensor:
+        return self.embed_dropout(self.word_dropout(embedded))
+
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> tuple[EncoderOutput, torch.Tensor]:
         """src_ids (B, S), src_lens (B,) -> encoder output, initial decoder hidden (L, B, H)."""
-        states, final = self.encoder(self.embed_dropout(self.src_embed(src_ids)), src_lens)  # (B, S, 2H), (B, 2H)
+        states, final = self.encoder(self._dropped(self.src_embed(src_ids)), src_lens)  # (B, S, 2H), (B, 2H)
         keys = self.decoder.attention.project_keys(states)  # (B, S, A)
         return EncoderOutput(states, keys, src_ids != PAD_ID), self.decoder.init_hidden(final)
 
@@ -60,7 +85,7 @@ class Seq2Seq(nn.Module):
         for the N True positions in row-major order, so padding costs no vocabulary projection or softmax.
         """
         encoded, hidden = self.encode(src_ids, src_lens)
-        embedded = self.embed_dropout(self.tgt_embed(tgt_in))  # (B, T, E)
+        embedded = self._dropped(self.tgt_embed(tgt_in))  # (B, T, E)
         pre_output, _ = self.decoder(embedded, hidden, encoded.states, encoded.keys, encoded.mask)  # (B, T, E)
         if tgt_mask is not None:
             pre_output = pre_output[tgt_mask]  # (N, E)
