@@ -15,7 +15,7 @@ from nmt.model.decoder import Decoder, gru_update
 from nmt.model.embedding import Embeddings, init_embedding_
 from nmt.model.encoder import Encoder
 from nmt.model.recurrence import AttentionGRUUnroll
-from nmt.model.seq2seq import WordDropout, build_model
+from nmt.model.seq2seq import build_model
 
 B, S, T, E, H, A, V = 3, 5, 4, 4, 6, 5, 11
 SRC_LENS = torch.tensor([5, 3, 1])
@@ -257,7 +257,7 @@ def test_dropout_acts_only_in_training_mode():
 
 def test_word_dropout_drops_whole_tokens_in_training_only():
     torch.manual_seed(0)
-    drop = WordDropout(0.25)
+    drop = tiny_model(word_dropout=0.25).word_dropout.train()
     x = torch.rand(64, 50, 7) + 0.5  # no zero features of its own
     y = drop(x)
     dropped = (y == 0).all(-1)  # (B, L)

@@ -28,27 +28,6 @@ class EncoderOutput:
                              self.mask.index_select(0, rows))
 
 
-class WordDropout(nn.Module):
-    """Training only: zero whole token vectors of (B, L, E) with probability p, scale the kept ones by 1/(1-p).
-
-    Unlike nn.Dropout, which drops single features, a dropped token leaves the model to guess it from its
-    context, a regulariser for small corpora. Padding rows are zero anyway.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, embedded: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return embedded
-        keep = torch.empty(embedded.shape[:-1] + (1,), device=embedded.device, dtype=embedded.dtype)
-        return embedded * keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
         super().__init__()
@@ -56,7 +35,9 @@ class Seq2Seq(nn.Module):
         self.src_embed = Embeddings(src_vocab_size, E, PAD_ID, cfg.embeddings)
         self.tgt_embed = Embeddings(tgt_vocab_size, E, PAD_ID, cfg.embeddings)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.word_dropout = WordDropout(cfg.word_dropout)
+        # word dropout: Dropout1d zeroes whole channels of (N, C, L); given (B, L, E), a channel is a token,
+        # so a dropped token's vector goes whole and the kept ones are scaled by 1/(1-p)
+        self.word_dropout = nn.Dropout1d(cfg.word_dropout)
         self.encoder = Encoder(E, H, cfg.encoder_layers, cfg.rnn_dropout, cfg.dropout)
         O = cfg.output_size or E
         self.decoder = Decoder(E, H, 2 * H, cfg.attention_size or H, cfg.decoder_layers, cfg.dropout, cfg.rnn_dropout, O)
