@@ -45,15 +45,15 @@ def torchrun_rank() -> int:
     return int(rank) if rank.isdigit() else 0
 
 
-def print_error(message: str) -> None:
+def print_error(message: str, label: str = "error") -> None:
     text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
-    print(f"nmt: error: {text}", file=sys.stderr)
+    print(f"nmt: {label}: {text}", file=sys.stderr)
 
 
-def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
+def fail(message: str, exit_code: int = EXIT_USER_ERROR, label: str = "error") -> None:
     """Print a user-facing error as one paragraph (on rank 0 only: the others hit the same error) and exit."""
     if torchrun_rank() == 0:
-        print_error(message)
+        print_error(message, label)
     sys.exit(exit_code)
 
 
@@ -137,9 +137,9 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     except NMTError as error:
         rank = torchrun_rank()
         if rank and not error.every_rank:  # this rank's own failure: rank 0 cannot know why
-            print_error(f"(rank {rank}) {error}")
+            print_error(f"(rank {rank}) {error}", error.label)
             sys.exit(error.exit_code)
-        fail(str(error), error.exit_code)
+        fail(str(error), error.exit_code, error.label)
     except KeyboardInterrupt:
         if torchrun_rank() == 0:
             print("nmt: interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ class NMTError(Exception):
     """A problem with the user's input, files or settings; the message says what to do."""
 
     exit_code = 2
+    label = "error"  # how the CLI introduces the message: "nmt: error: ..."
     # Under torchrun: True when every rank raises it at the same point (a decision they agreed on),
     # so rank 0 alone prints it and the ranks wait for each other before they exit.
     every_rank = False
@@ -18,6 +19,7 @@ class Interrupted(NMTError):
     """Training was stopped by SIGINT or SIGTERM after saving its last checkpoint."""
 
     exit_code = 130
+    label = "stopped"  # not a mistake: the run stopped as asked, and its checkpoint is saved
     every_rank = True
 
 
