@@ -13,6 +13,7 @@ Without torchrun (or with one process) everything here is a no-op and training i
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from contextlib import contextmanager
@@ -162,6 +163,7 @@ def teardown(dist: Distributed, clean_exit: bool) -> None:
         return
     if clean_exit:
         dist.barrier()
+    gc.collect()  # a model wrapped in DDP that only a reference cycle keeps alive would hold the group past this
     torch_dist.destroy_process_group()
 
 

@@ -583,7 +583,12 @@ def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         trainer = Trainer(cfg, cfg_dict, files, dist)
-        if dist.is_main:
-            write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
-        trainer.run(resuming)
+        try:
+            if dist.is_main:
+                write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
+            trainer.run(resuming)
+        finally:
+            # DDP holds the process group: release it here, before the session destroys the group, and not
+            # at interpreter exit, where gloo's threads may still be joinable and abort the process
+            del trainer
     return run_dir
