@@ -569,26 +569,27 @@ def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
     """Train as configured; returns the run directory. Under torchrun, every rank calls this."""
     check_vectors_exist(cfg.model.embeddings.src_vectors, cfg.model.embeddings.tgt_vectors)  # before minutes of data work
     with distributed.session(cfg.trainer.device, cfg.trainer.dist_timeout_seconds) as dist:
-        # rank 0's choice, so that a default (timestamped) directory is the same on every rank
-        run_dir = dist.broadcast(Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg))
-        files = RunFiles(run_dir)
-        if not dist.is_main:
-            setup_logging(None, level=logging.ERROR)  # rank 0 alone logs; the others report only errors
-        resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
-        if dist.is_main:
-            setup_logging(files.log)
-        cfg_dict["paths"]["run_dir"] = str(run_dir)
-        # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)
-        cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
-        if cfg.trainer.num_threads:
-            torch.set_num_threads(cfg.trainer.num_threads)
-        trainer = Trainer(cfg, cfg_dict, files, dist)
-        try:
-            if dist.is_main:
-                write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
-            trainer.run(resuming)
-        finally:
-            # DDP holds the process group: release it here, before the session destroys the group, and not
-            # at interpreter exit, where gloo's threads may still be joinable and abort the process
-            del trainer
+        # a function of its own, so that its Trainer, whose DDP wrapper holds the process group, is gone before
+        # the session destroys the group, and not left to interpreter exit, where gloo's threads can abort it
+        return train_in_session(cfg, cfg_dict, dist)
+
+
+def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Path:
+    # rank 0's choice, so that a default (timestamped) directory is the same on every rank
+    run_dir = dist.broadcast(Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg))
+    files = RunFiles(run_dir)
+    if not dist.is_main:
+        setup_logging(None, level=logging.ERROR)  # rank 0 alone logs; the others report only errors
+    resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
+    if dist.is_main:
+        setup_logging(files.log)
+    cfg_dict["paths"]["run_dir"] = str(run_dir)
+    # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)
+    cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    trainer = Trainer(cfg, cfg_dict, files, dist)
+    if dist.is_main:
+        write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
+    trainer.run(resuming)
     return run_dir
