@@ -411,7 +411,10 @@ class DecodeConfig:
 class EvalOptions(DecodeConfig):
     PREFIX: ClassVar[str] = "eval."
 
-    checkpoint: str = "best"  # best | last | step0, or a path to a .pt file
+    checkpoint: str = "best"  # best | last | step0 | averaged | val-STEP, or a path to a .pt file
+    # more checkpoints of the run (same choices) that decode together with `checkpoint`, their
+    # next-token probabilities averaged at every step: an ensemble, e.g. [val-00003278,val-00003420]
+    ensemble: List[str] = field(default_factory=list)
     split: str = "test"  # test | val (ignored when src/ref are given)
     src: Optional[str] = None  # your own source file ...
     ref: Optional[str] = None  # ... and its reference translations
@@ -436,6 +439,7 @@ class TranslateOptions(DecodeConfig):
     PREFIX: ClassVar[str] = "translate."
 
     checkpoint: str = "best"
+    ensemble: List[str] = field(default_factory=list)  # as eval.ensemble
     input: Optional[str] = None  # a file; default: stdin (a prompt when stdin is a terminal)
     output: Optional[str] = None  # a file; default: stdout
     attention_dir: Optional[str] = None  # write one attention heatmap PNG per sentence here

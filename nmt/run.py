@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,7 @@ from nmt.checkpoint import load_checkpoint, previous_path
 from nmt.config import TrainConfig
 from nmt.data.vocab import Vocab
 from nmt.errors import NMTError
+from nmt.model.ensemble import Ensemble
 from nmt.model.seq2seq import Seq2Seq, build_model
 
 log = logging.getLogger(__name__)
@@ -104,19 +106,23 @@ class TrainedRun:
     files: RunFiles
     config: TrainConfig
     vocab: Vocab
-    model: Seq2Seq
+    model: Seq2Seq | Ensemble
     checkpoint: Path
+    ensemble: list[Path] = field(default_factory=list)  # the other members' checkpoints, when model is an Ensemble
 
 
 def checkpoint_path(files: RunFiles, name: str) -> Path:
-    """best | last | step0 | averaged (scripts/average_checkpoints.py), or a path to a .pt file."""
-    if name in ("best", "last", "step0", "averaged"):
-        return files.checkpoint(name)
+    """best | last | step0 | averaged (scripts/average_checkpoints.py), another checkpoint of the run by
+    name (val-00003420), or a path to a .pt file."""
+    named = files.checkpoint(name)
+    if name in ("best", "last", "step0", "averaged") or named.is_file():
+        return named
     return Path(name)
 
 
-def load_trained(run_dir: str | Path, checkpoint: str, device) -> TrainedRun:
-    """Rebuild the model from a run's saved config and load a checkpoint's weights into it."""
+def load_trained(run_dir: str | Path, checkpoint: str, device, ensemble: Sequence[str] = ()) -> TrainedRun:
+    """Rebuild the model from a run's saved config and load a checkpoint's weights into it; with
+    `ensemble`, more checkpoints of the run, each into a model of its own, decoding as one Ensemble."""
     files = RunFiles(Path(run_dir))
     if not files.run_dir.is_dir():
         raise NMTError(f"The run directory {files.run_dir} does not exist. Pass run=DIR with a directory made by nmt-train.")
@@ -125,13 +131,22 @@ def load_trained(run_dir: str | Path, checkpoint: str, device) -> TrainedRun:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
     except Exception as error:  # noqa: BLE001 - any schema mismatch means the file is not ours
         raise NMTError(f"{files.config} does not match this version of nmt ({str(error).splitlines()[0]}).") from None
-    path = checkpoint_path(files, checkpoint)
+    vocab = Vocab.load(files.run_dir, config.data.vocab.joint)
+    paths = [checkpoint_path(files, name) for name in [checkpoint, *ensemble]]
+    models = [_load_model(files, config, vocab, path, device) for path in paths]
+    model = Ensemble(models) if ensemble else models[0]
+    return TrainedRun(files, config, vocab, model, paths[0], paths[1:])
+
+
+def _load_model(files: RunFiles, config: TrainConfig, vocab: Vocab, path: Path, device) -> Seq2Seq:
     if not path.exists():
         raise NMTError(f"The checkpoint {path} does not exist; has the run {files.run_dir} saved one yet? "
-                       f"Choose another with checkpoint=best, last or step0.")
+                       f"Choose another with checkpoint=best, last or step0 (or a file in {files.run_dir / 'checkpoints'}).")
     state = load_checkpoint(path, map_location="cpu")
-    vocab = Vocab.load(files.run_dir, config.data.vocab.joint)
     model = build_model(config.model, vocab.size("src"), vocab.size("tgt"))
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    return TrainedRun(files, config, vocab, model, path)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise NMTError(f"The checkpoint {path} does not fit the model of {files.config} "
+                       f"({str(error).splitlines()[0]}): choose a checkpoint written by this run.") from None
+    return model.to(device).eval()

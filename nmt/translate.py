@@ -106,7 +106,7 @@ def interactive(session: Session) -> None:
     history = Path.home() / ".nmt_history"
     if readline is not None and history.exists():
         readline.read_history_file(history)
-    print(f"nmt: {session.run.files.run_dir} ({session.run.checkpoint.name}), beam {session.options.beam_size}. "
+    print(f"nmt: {session.run.files.run_dir} ({session.run.checkpoint.name}{f' + {len(session.run.ensemble)} more' if session.run.ensemble else ''}), beam {session.options.beam_size}. "
           f"Type :help for commands.")
     while True:
         try:
@@ -160,7 +160,7 @@ def translate(cfg: TranslateConfig, cfg_dict: dict | None = None) -> None:
     setup_logging()
     device = pick_device(cfg.device, "device")
     options = cfg.translate
-    session = Session(load_trained(cfg.run, options.checkpoint, device), options, device)
+    session = Session(load_trained(cfg.run, options.checkpoint, device, options.ensemble), options, device)
     if options.input is None and options.output is None and sys.stdin.isatty():
         interactive(session)
         return

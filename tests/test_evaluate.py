@@ -1,6 +1,7 @@
 """nmt-evaluate on a trained debug run: files written, scores equal the sacrebleu command line."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -50,3 +51,26 @@ def test_evaluate_missing_run_is_a_clean_error(tmp_path):
     out = subprocess.run([script_path("nmt-evaluate"), f"run={tmp_path / 'nope'}"], capture_output=True, text=True)
     assert out.returncode != 0
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_evaluate_an_ensemble_of_checkpoints(debug_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+
+    def evaluate_val(*overrides):
+        subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.split=val", "eval.beam_size=3", *overrides],
+                       capture_output=True, text=True, check=True)
+        return (run / "eval" / "val.hyp").read_text(encoding="utf-8"), json.loads((run / "eval" / "val.json").read_text())
+
+    alone, report = evaluate_val()
+    assert report["ensemble"] == []
+    twice, report = evaluate_val("eval.ensemble=[best]")  # two copies of one model: the same probabilities
+    assert twice == alone
+    assert report["ensemble"] == [str(run / "checkpoints" / "best.pt")]
+    _, report = evaluate_val("eval.checkpoint=last", "eval.ensemble=[best,step0]")
+    assert report["checkpoint"] == str(run / "checkpoints" / "last.pt")
+    assert report["ensemble"] == [str(run / "checkpoints" / n) for n in ("best.pt", "step0.pt")]
+    out = subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.ensemble=[val-00000099]"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "val-00000099 does not exist" in out.stderr

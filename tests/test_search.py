@@ -10,6 +10,7 @@ import torch
 from nmt.config import ModelConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.data.vocab import EOS_ID, PAD_ID
+from nmt.model.ensemble import Ensemble
 from nmt.model.seq2seq import build_model
 from nmt.search import beam_search, decode, greedy, length_penalty, max_lengths
 
@@ -26,10 +27,9 @@ def copy_corpus(n: int, seed: int) -> EncodedCorpus:
     return EncodedCorpus.from_lists(src, [row[::-1] for row in src])
 
 
-@pytest.fixture(scope="module")
-def trained_model():
+def train_reverser(seed: int):
     """A tiny model trained for a few hundred steps to reverse sequences: peaked, not degenerate."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(ModelConfig(embedding_dim=16, hidden_size=24, dropout=0.0), V, V)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     corpus = copy_corpus(64, seed=1)
@@ -45,6 +45,11 @@ def trained_model():
 
 
 @pytest.fixture(scope="module")
+def trained_model():
+    return train_reverser(seed=0)
+
+
+@pytest.fixture(scope="module")
 def random_model():
     torch.manual_seed(1)
     return build_model(ModelConfig(embedding_dim=8, hidden_size=6, attention_size=5, dropout=0.2), V, V).eval()
@@ -57,13 +62,18 @@ def sources():
     return batch.src_ids, batch.src_lens
 
 
-def teacher_forced_log_prob(model, src_ids, src_lens, tokens):
-    """The model's log-probability of tokens + eos for one sentence, by a plain forward pass."""
+def teacher_forced_step_log_probs(model, src_ids, src_lens, tokens):
+    """The model's log-probability of each of tokens + eos for one sentence: (T + 1,)."""
     target = torch.tensor([tokens + [EOS_ID]])
     tgt_in = torch.cat([torch.tensor([[2]]), target[:, :-1]], dim=1)
     with torch.no_grad():
-        log_probs = torch.log_softmax(model(src_ids, src_lens, tgt_in), -1)  # (1, T, V)
-    return float(log_probs.gather(-1, target.unsqueeze(-1)).sum())
+        log_probs = torch.log_softmax(model(src_ids, src_lens, tgt_in), -1)  # (1, T + 1, V)
+    return log_probs.gather(-1, target.unsqueeze(-1)).flatten()
+
+
+def teacher_forced_log_prob(model, src_ids, src_lens, tokens):
+    """The model's log-probability of tokens + eos for one sentence, by a plain forward pass."""
+    return float(teacher_forced_step_log_probs(model, src_ids, src_lens, tokens).sum())
 
 
 @pytest.mark.parametrize("which", ["trained", "random"])
@@ -200,3 +210,54 @@ def test_stopping_once_no_beam_can_win_changes_no_result(which, alpha, n_best, t
     full = beam_search(model, src_ids, src_lens, beam_size=4, alpha=alpha, n_best=n_best, stop_early=False)
     assert [[(h.tokens, h.score) for h in nbest] for nbest in early] == \
            [[(h.tokens, h.score) for h in nbest] for nbest in full]
+
+
+@pytest.fixture(scope="module")
+def other_trained_model():
+    return train_reverser(seed=5)
+
+
+def test_an_ensemble_of_one_decodes_as_its_model(trained_model, sources):
+    src_ids, src_lens = sources
+    alone = beam_search(trained_model, src_ids, src_lens, beam_size=4, n_best=2)
+    ensembled = beam_search(Ensemble([trained_model]), src_ids, src_lens, beam_size=4, n_best=2)
+    assert [[(h.tokens, h.score) for h in n] for n in ensembled] == [[(h.tokens, h.score) for h in n] for n in alone]
+
+
+def test_an_ensemble_step_averages_its_members_probabilities(trained_model, other_trained_model, sources):
+    src_ids, src_lens = sources
+    members = [trained_model, other_trained_model]
+    ensemble = Ensemble(members)
+    encoded, hidden = ensemble.encode(src_ids, src_lens)
+    assert hidden.shape == (2, src_ids.size(0), 24)  # the two members' (1, B, H) states, stacked
+    prev = torch.full((src_ids.size(0),), 2)
+    with torch.no_grad():
+        log_probs, new_hidden, weights = ensemble.step(prev, hidden, encoded)
+        steps = []
+        for member in members:
+            member_encoded, member_hidden = member.encode(src_ids, src_lens)
+            steps.append(member.step(prev, member_hidden, member_encoded))
+    mean = (steps[0][0].exp() + steps[1][0].exp()) / 2
+    assert not torch.allclose(steps[0][0], steps[1][0], atol=1e-3)  # the members disagree
+    assert torch.allclose(log_probs.exp(), mean, atol=1e-6)
+    assert torch.equal(new_hidden, torch.cat([steps[0][1], steps[1][1]]))
+    assert torch.allclose(weights, (steps[0][2] + steps[1][2]) / 2)
+
+
+def test_ensemble_beam_scores_are_the_log_of_the_mean_probabilities(trained_model, other_trained_model, sources):
+    """Beam reordering and finished sentences leaving the batch move every member's state alike: each
+    hypothesis's log-probability equals the one teacher forcing gives, step by step, from the members."""
+    src_ids, src_lens = sources
+    members = [trained_model, other_trained_model]
+    hyps = beam_search(Ensemble(members), src_ids, src_lens, beam_size=3, alpha=1.0, n_best=3)
+    for i, nbest in enumerate(hyps):
+        one_src, one_len = src_ids[i:i + 1, :src_lens[i]], src_lens[i:i + 1]
+        for hyp in nbest:
+            per_step = torch.stack([teacher_forced_step_log_probs(m, one_src, one_len, hyp.tokens) for m in members])
+            expected = float((torch.logsumexp(per_step, dim=0) - torch.log(torch.tensor(2.0))).sum())
+            assert hyp.log_prob == pytest.approx(expected, abs=1e-4)
+
+
+def test_ensemble_members_must_share_vocabulary_and_decoder_size(trained_model, random_model):
+    with pytest.raises(ValueError, match="one target vocabulary and decoder size"):
+        Ensemble([trained_model, random_model])
