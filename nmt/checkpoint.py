@@ -94,3 +94,19 @@ def load_latest(path: Path, map_location: str | torch.device = "cpu") -> tuple[d
             raise
         log.warning("%s Falling back to the previous checkpoint, %s.", error, previous)
         return load_checkpoint(previous, map_location), previous
+
+
+def average_weights(paths: list[Path]) -> dict[str, Any]:
+    """A model-only checkpoint whose floating-point weights are the mean of those of `paths` (summed in
+    float64); other tensors, `step` and `config` come from the last of them."""
+    states = [load_checkpoint(path) for path in paths]
+    newest = states[-1]
+    averaged = {}
+    for key, tensor in newest["model"].items():
+        if not tensor.is_floating_point():
+            averaged[key] = tensor
+            continue
+        total = sum(state["model"][key].double() for state in states)
+        averaged[key] = (total / len(states)).to(tensor.dtype)
+    return {"model": averaged, "step": newest.get("step"), "config": newest.get("config"),
+            "averaged_from": [path.name for path in paths]}

@@ -312,6 +312,10 @@ class TrainerConfig:
     # also keep the weights of the last N validations (checkpoints/val-STEP.pt, model only), for
     # scripts/average_checkpoints.py; 0 = keep none
     keep_checkpoints: int = 0
+    # at the end of training, average the weights of the last N validations (needs keep_checkpoints >= N)
+    # into checkpoints/averaged.pt; it is validated like the others and becomes best.pt if it scores
+    # better; 0 = no averaging
+    average_last: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the decoder's step; falls back to eager with a warning
     dist_timeout: str = "2h"  # under torchrun: how long a rank waits for the others (rank 0 prepares the data alone)
@@ -332,6 +336,12 @@ class TrainerConfig:
         check_non_negative("trainer.num_threads", self.num_threads)
         check_positive("trainer.max_nonfinite_steps", self.max_nonfinite_steps)
         check_non_negative("trainer.keep_checkpoints", self.keep_checkpoints)
+        check_non_negative("trainer.average_last", self.average_last)
+        if self.average_last > self.keep_checkpoints:
+            raise ConfigError(
+                f"trainer.average_last={self.average_last} averages the weights of the last {self.average_last} "
+                f"validations, but trainer.keep_checkpoints={self.keep_checkpoints} keeps only "
+                f"{self.keep_checkpoints}: set trainer.keep_checkpoints={self.average_last} (or more).")
         check_choice("trainer.precision", self.precision, PRECISIONS)
         parse_duration("trainer.dist_timeout", self.dist_timeout)
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from nmt import distributed
-from nmt.checkpoint import load_latest, save_checkpoint
+from nmt.checkpoint import average_weights, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
 from nmt.data.batching import Batch, collate, epoch_batches, padding_share
@@ -384,6 +384,8 @@ class Trainer:
             drop_metrics_after(self.files.metrics, 0)  # a start killed before its first checkpoint left some
             self.save("step0")  # the initial weights, to compare embeddings before and after
         max_seconds = cfg.max_seconds
+        if resuming:  # a run that had reached trainer.max_steps or max_time takes no further step
+            self.state.stop_reason = self.limit_reached(max_seconds)
         started = time.monotonic() - self.state.elapsed
         while self.state.epoch < cfg.max_epochs and not self.state.stop_reason:
             self.train_epoch(started, max_seconds)
@@ -394,6 +396,8 @@ class Trainer:
                 f"Training stopped by {signal.Signals(self.interrupted).name} at step {self.state.step}; "
                 f"{self.files.checkpoint('last')} is saved. Resume with: {resume_command(self.files.run_dir)}"
             )
+        if cfg.average_last:
+            self.average_last_validations(cfg.average_last)
         best = "none" if self.state.best_metric is None else f"{self.state.best_metric:.4g}"
         log.info("training stopped: %s; best dev %s %s; run directory %s", self.state.stop_reason,
                  cfg.early_stopping_metric, best, self.files.run_dir)
@@ -510,14 +514,50 @@ class Trainer:
             return f"trainer.max_time={cfg.max_time} reached"
         return ""
 
+    def improves(self, value: float) -> bool:
+        """Whether a dev score beats the best so far by more than trainer.min_delta."""
+        cfg, best = self.cfg.trainer, self.state.best_metric
+        sign = 1.0 if cfg.early_stopping_metric == "bleu" else -1.0
+        return best is None or sign * (value - best) > cfg.min_delta
+
+    def average_last_validations(self, count: int) -> None:
+        """checkpoints/averaged.pt: the mean weights of the last `count` validations, validated like the
+        others; it becomes best.pt if it scores better. Rank 0 averages and validates, the others wait."""
+        kept = sorted(self.files.checkpoint("last").parent.glob("val-*.pt"))[-count:]
+        metrics = self.dist.broadcast(self.validate_average(kept) if self.dist.is_main else None)
+        if metrics is None:
+            return
+        value = metrics[self.cfg.trainer.early_stopping_metric]
+        improved = self.improves(value)
+        log.info("averaged the weights of the last %d validations (steps %s to %s) into %s: dev loss %.3f, "
+                 "ppl %.2f, BLEU %.2f%s", len(kept), metrics["first_step"], metrics["last_step"],
+                 self.files.checkpoint("averaged"), metrics["loss"], metrics["ppl"], metrics["bleu"],
+                 "; better than the best validation, so it is now best.pt" if improved else
+                 "; best.pt stays, its dev score is better")
+        self.log_metrics({"kind": "averaged", "step": self.state.step, "best": improved,
+                          **{k: v for k, v in metrics.items() if k != "example"}})
+        if improved:
+            self.state.best_metric = value
+            self.save("best")  # on rank 0 the model now holds the average
+
+    def validate_average(self, kept: list[Path]) -> dict | None:
+        """Rank 0: average `kept` into checkpoints/averaged.pt, load it into the model, validate it."""
+        if not kept:
+            log.warning("trainer.average_last: no validation weights were kept, so there is nothing to average")
+            return None
+        averaged = average_weights(kept)
+        save_checkpoint(averaged, self.files.checkpoint("averaged"))
+        self.model.load_state_dict(averaged["model"])
+        metrics = validate(self.model, self.data, self.cfg, self.device, self.precision)
+        return {**metrics, "first_step": int(kept[0].stem.split("-")[1]), "last_step": int(kept[-1].stem.split("-")[1])}
+
     def validate_and_checkpoint(self) -> None:
         cfg, state = self.cfg.trainer, self.state
         # rank 0 validates while the others wait; all then take the same decisions (best, patience, lr)
         metrics = self.dist.broadcast(
             validate(self.model, self.data, self.cfg, self.device, self.precision) if self.dist.is_main else None)
         value = metrics[cfg.early_stopping_metric]
-        sign = 1.0 if cfg.early_stopping_metric == "bleu" else -1.0
-        improved = state.best_metric is None or sign * (value - state.best_metric) > cfg.min_delta
+        improved = self.improves(value)
         if improved:
             state.best_metric, state.bad_validations = value, 0
         else:

@@ -16,25 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.checkpoint import average_weights, save_checkpoint
 from nmt.errors import NMTError
-
-
-def average(paths: list[Path]) -> dict:
-    """The checkpoints' model weights averaged; `step` and `config` of the newest."""
-    states = [load_checkpoint(path) for path in paths]
-    newest = states[-1]
-    averaged = {}
-    for key, tensor in newest["model"].items():
-        if not tensor.is_floating_point():
-            averaged[key] = tensor
-            continue
-        total = sum(state["model"][key].double() for state in states)
-        averaged[key] = (total / len(states)).to(tensor.dtype)
-    return {"model": averaged, "step": newest.get("step"), "config": newest.get("config"),
-            "averaged_from": [path.name for path in paths]}
 
 
 def main() -> int:
@@ -51,7 +34,7 @@ def main() -> int:
             raise NMTError(f"{folder} holds {len(found)} validation checkpoint(s) (val-*.pt), fewer than --last "
                            f"{args.last}. Train with trainer.keep_checkpoints={args.last} (or more), or average fewer.")
         chosen = found[-args.last:]
-        save_checkpoint(average(chosen), folder / "averaged.pt")
+        save_checkpoint(average_weights(chosen), folder / "averaged.pt")
     except NMTError as error:
         print(f"average_checkpoints: error: {error}", file=sys.stderr)
         return 2

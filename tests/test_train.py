@@ -428,6 +428,42 @@ def test_kept_validation_weights_average_into_a_checkpoint_that_evaluates(shared
     assert too_many.returncode == 2 and "trainer.keep_checkpoints=3" in too_many.stderr
 
 
+def test_resuming_a_run_that_reached_its_limit_takes_no_step(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.max_steps=4", "trainer.validate_every=2")
+    before = weights(run_dir, "last")
+    train(shared_data_dir, run_dir, "trainer.max_steps=4", "trainer.validate_every=2", "trainer.resume=true")
+    assert_same_weights(weights(run_dir, "last"), before)
+    assert [r["step"] for r in val_records(run_dir)] == [2, 4]
+    train(shared_data_dir, run_dir, "trainer.max_steps=6", "trainer.validate_every=2", "trainer.resume=true")
+    assert [r["step"] for r in val_records(run_dir)] == [2, 4, 6]
+
+
+def test_average_last_averages_at_the_end_and_the_average_competes_for_best(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.keep_checkpoints=3", "trainer.average_last=2", "trainer.validate_every=2",
+          "trainer.max_steps=6", "trainer.early_stopping_metric=loss")
+    a, b, mean = (weights(run_dir, name) for name in ("val-00000004", "val-00000006", "averaged"))
+    for key in mean:
+        if mean[key].is_floating_point():
+            assert torch.allclose(mean[key], (a[key] + b[key]) / 2, atol=1e-7), key
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (average,) = [r for r in records if r["kind"] == "averaged"]
+    assert (average["first_step"], average["last_step"]) == (4, 6)
+    best_validation = min(r["loss"] for r in val_records(run_dir))
+    assert average["best"] == (average["loss"] < best_validation)
+    best = weights(run_dir, "best")
+    assert torch.equal(best["output.weight"], mean["output.weight"]) == average["best"]
+    assert_same_weights(weights(run_dir, "last"), b)  # last.pt keeps the trained weights, for resuming
+
+
+def test_average_last_needs_the_weights_kept(shared_data_dir, tmp_path):
+    out = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={tmp_path / 'run'}",
+                  "trainer.average_last=3", "trainer.keep_checkpoints=2")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "trainer.keep_checkpoints=3 (or more)" in out.stderr
+
+
 # --- learning-rate schedules over the training budget ------------------------------------------------------
 
 def test_linear_schedule_falls_with_the_steps_and_resumes_after_a_crash_as_if_uninterrupted(shared_data_dir, tmp_path):
