@@ -68,7 +68,8 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     ref_path.write_text("".join(r + "\n" for r in data.tgt), encoding="utf-8")
     tokens = sum(len(t.tgt_pieces) for t in translations)
     result = {
-        "run": str(run.files.run_dir), "checkpoint": str(run.checkpoint), "ensemble": [str(p) for p in run.ensemble], "split": name, "source": data.name,
+        "run": str(run.files.run_dir), "checkpoint": str(run.checkpoint), "ensemble": [str(p) for p in run.ensemble],
+        "split": name, "source": data.name,
         "sentences": len(hypotheses), **score(hypotheses, data.tgt),
         "seconds": seconds, "sentences_per_s": len(hypotheses) / seconds, "tgt_tokens_per_s": tokens / seconds,
         "decoding": {"beam_size": cfg.eval.beam_size, "alpha": cfg.eval.alpha, "max_len_ratio": cfg.eval.max_len_ratio,

@@ -46,6 +46,10 @@ class RunFiles:
     def checkpoint(self, name: str) -> Path:
         return self.run_dir / "checkpoints" / f"{name}.pt"
 
+    def validation_checkpoints(self) -> list[Path]:
+        """The kept checkpoints/val-STEP.pt (trainer.keep_checkpoints), oldest first."""
+        return sorted((self.run_dir / "checkpoints").glob("val-*.pt"))
+
 
 def read_config(files: RunFiles) -> dict:
     if not files.config.exists():

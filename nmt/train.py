@@ -327,7 +327,7 @@ class Trainer:
         """checkpoints/val-STEP.pt (the model alone) for this validation; only the newest `keep` stay."""
         path = self.files.checkpoint(f"val-{self.state.step:08d}")
         save_checkpoint({"model": self.model.state_dict(), "step": self.state.step, "config": self.cfg_dict}, path)
-        kept = sorted(path.parent.glob("val-*.pt"))
+        kept = self.files.validation_checkpoints()
         for old in kept[:-keep]:
             old.unlink()
 
@@ -523,7 +523,7 @@ class Trainer:
     def average_last_validations(self, count: int) -> None:
         """checkpoints/averaged.pt: the mean weights of the last `count` validations, validated like the
         others; it becomes best.pt if it scores better. Rank 0 averages and validates, the others wait."""
-        kept = sorted(self.files.checkpoint("last").parent.glob("val-*.pt"))[-count:]
+        kept = self.files.validation_checkpoints()[-count:]
         metrics = self.dist.broadcast(self.validate_average(kept) if self.dist.is_main else None)
         if metrics is None:
             return

@@ -106,7 +106,8 @@ def interactive(session: Session) -> None:
     history = Path.home() / ".nmt_history"
     if readline is not None and history.exists():
         readline.read_history_file(history)
-    print(f"nmt: {session.run.files.run_dir} ({session.run.checkpoint.name}{f' + {len(session.run.ensemble)} more' if session.run.ensemble else ''}), beam {session.options.beam_size}. "
+    members = f" + {len(session.run.ensemble)} more" if session.run.ensemble else ""
+    print(f"nmt: {session.run.files.run_dir} ({session.run.checkpoint.name}{members}), beam {session.options.beam_size}. "
           f"Type :help for commands.")
     while True:
         try:

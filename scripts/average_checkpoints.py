@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nmt.checkpoint import average_weights, save_checkpoint
 from nmt.errors import NMTError
+from nmt.run import RunFiles
 
 
 def main() -> int:
@@ -25,20 +26,20 @@ def main() -> int:
     parser.add_argument("--run", required=True, help="a run directory trained with trainer.keep_checkpoints=N")
     parser.add_argument("--last", type=int, default=5, help="how many of the newest validation checkpoints")
     args = parser.parse_args()
-    folder = Path(args.run) / "checkpoints"
-    found = sorted(folder.glob("val-*.pt"))
+    files = RunFiles(Path(args.run))
+    found, target = files.validation_checkpoints(), files.checkpoint("averaged")
     try:
         if args.last < 1:
             raise NMTError(f"--last must be at least 1, got {args.last}.")
         if len(found) < args.last:
-            raise NMTError(f"{folder} holds {len(found)} validation checkpoint(s) (val-*.pt), fewer than --last "
+            raise NMTError(f"{target.parent} holds {len(found)} validation checkpoint(s) (val-*.pt), fewer than --last "
                            f"{args.last}. Train with trainer.keep_checkpoints={args.last} (or more), or average fewer.")
         chosen = found[-args.last:]
-        save_checkpoint(average_weights(chosen), folder / "averaged.pt")
+        save_checkpoint(average_weights(chosen), target)
     except NMTError as error:
         print(f"average_checkpoints: error: {error}", file=sys.stderr)
         return 2
-    print(f"averaged {', '.join(p.name for p in chosen)} into {folder / 'averaged.pt'}")
+    print(f"averaged {', '.join(p.name for p in chosen)} into {target}")
     return 0
 
 
