@@ -425,13 +425,17 @@ class EvalOptions(DecodeConfig):
     # more checkpoints of the run (same choices) that decode together with `checkpoint`, their
     # next-token probabilities averaged at every step: an ensemble, e.g. [val-00003278,val-00003420]
     ensemble: List[str] = field(default_factory=list)
-    split: str = "test"  # test | val (ignored when src/ref are given)
+    # test | val, or for a Multi30k run another of its test sets: test_2016_flickr, test_2017_flickr,
+    # test_2017_mscoco, test_2018_flickr (downloaded on first use); ignored when src/ref are given
+    split: str = "test"
     src: Optional[str] = None  # your own source file ...
     ref: Optional[str] = None  # ... and its reference translations
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("eval.split", self.split, ("test", "val"))
+        if self.split not in ("test", "val") and not self.split.startswith("test_"):
+            raise ConfigError(f"eval.split={self.split!r} is not a split: use test or val, another Multi30k test "
+                              f"set such as test_2017_flickr, or eval.src and eval.ref for your own files.")
         if (self.src is None) != (self.ref is None):
             raise ConfigError("eval.src and eval.ref go together: give both files, or neither to score a split.")
 

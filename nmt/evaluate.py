@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -33,7 +34,8 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def evaluation_data(cfg: EvaluateConfig, run: TrainedRun) -> tuple[str, ParallelText]:
-    """(name, text): eval.src/eval.ref when given, else the run's own val or test split."""
+    """(name, text): eval.src/eval.ref when given, else the run's own val or test split, or for a Multi30k
+    run another of its test sets (downloaded on first use)."""
     options = cfg.eval
     if options.src is not None:
         sources, references = read_lines(Path(options.src)), read_lines(Path(options.ref))
@@ -43,8 +45,13 @@ def evaluation_data(cfg: EvaluateConfig, run: TrainedRun) -> tuple[str, Parallel
                 f"each reference line must translate the same source line."
             )
         return Path(options.src).name, ParallelText(sources, references, options.src)
-    data_dir = Path(cfg.data_dir or run.config.paths.data_dir)
-    return options.split, load_splits(run.config.data, data_dir, (options.split,))[options.split]
+    data_dir, data = Path(cfg.data_dir or run.config.paths.data_dir), run.config.data
+    if options.split in ("test", "val"):
+        return options.split, load_splits(data, data_dir, (options.split,))[options.split]
+    if data.dataset != "multi30k":  # another of Multi30k's test sets, which the run never saw
+        raise NMTError(f"eval.split={options.split} names a Multi30k test set, but this run trained on "
+                       f"data.dataset={data.dataset}; score other files with eval.src and eval.ref.")
+    return options.split, load_splits(dataclasses.replace(data, test_set=options.split), data_dir, ("test",))["test"]
 
 
 def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:

@@ -74,3 +74,31 @@ def test_evaluate_an_ensemble_of_checkpoints(debug_run, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "val-00000099 does not exist" in out.stderr
+
+
+def test_evaluate_other_multi30k_test_sets(tmp_path):
+    """eval.split=test_2017_mscoco scores a Multi30k run on a test set it never saw: that set's files."""
+    from types import SimpleNamespace
+
+    from nmt.cli import compose_config
+    from nmt.errors import ConfigError
+    from nmt.evaluate import evaluation_data
+
+    folder = tmp_path / "multi30k"
+    folder.mkdir()
+    for lang, word in (("de", "Satz"), ("en", "sentence")):
+        (folder / f"test_2017_mscoco.{lang}").write_text("".join(f"{word} {i}\n" for i in range(461)), encoding="utf-8")
+    run = SimpleNamespace(config=compose_config("train", ["data=multi30k_de_en"])[0])
+    options = EvaluateConfig(run="r", data_dir=str(tmp_path), eval=EvalOptions(split="test_2017_mscoco"))
+    name, text = evaluation_data(options, run)
+    assert name == "test_2017_mscoco"
+    assert len(text.src) == len(text.tgt) == 461
+    assert (text.src[460], text.tgt[460]) == ("Satz 460", "sentence 460")
+    with pytest.raises(NMTError, match="no split 'test_2099_flickr'.*test_2017_mscoco"):
+        unknown = EvalOptions(split="test_2099_flickr")
+        evaluation_data(EvaluateConfig(run="r", data_dir=str(tmp_path), eval=unknown), run)
+    tatoeba = SimpleNamespace(config=compose_config("train", ["data=tatoeba_fr_en"])[0])
+    with pytest.raises(NMTError, match="data.dataset=tatoeba; score other files with eval.src and eval.ref"):
+        evaluation_data(options, tatoeba)
+    with pytest.raises(ConfigError, match="eval.split='train' is not a split"):
+        EvalOptions(split="train")
