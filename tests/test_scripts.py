@@ -1,4 +1,5 @@
-"""scripts/: the skip-gram vector trainer, the sparse-gradient benchmark, the speed benchmark's FLOP count."""
+"""scripts/: the skip-gram vector trainer, the sparse-gradient benchmark, the speed benchmark's FLOP count,
+and the Joey NMT side-by-side's reading of Joey's log."""
 
 from __future__ import annotations
 
@@ -74,9 +75,10 @@ def test_bench_sparse_writes_a_table_and_json(tmp_path):
     assert all(r["step_ms_median"] > 0 and r["optimizer_ms_median"] > 0 for r in results)
 
 
-def load_benchmark():
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPTS / "benchmark.py")
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -107,7 +109,55 @@ def test_benchmark_flop_count_matches_torchs_count_of_a_training_step(output_siz
         logits = model(batch.src_ids, batch.src_lens, batch.tgt_in, mask)
         cross_entropy_sum(logits, batch.tgt_out[mask]).backward()
     src_lens, tgt_lens = batch.src_lens.numpy(), mask.sum(1).numpy()
-    analytic = load_benchmark().flops_per_target_token(cfg, vocab, [(src_lens, tgt_lens)])["flops_per_tgt_token"]
+    benchmark = load_script("benchmark")
+    analytic = benchmark.flops_per_target_token(cfg, vocab, [(src_lens, tgt_lens)])["flops_per_tgt_token"]
     measured = counter.get_total_flops() / int(mask.sum())
     # the analytic count takes backward as twice forward for every product; torch counts each one
     assert measured == pytest.approx(analytic, rel=0.03)
+
+
+JOEY_LOG = """\
+2026-11-22 14:22:37,111 - INFO - joeynmt.training - Epoch   1, Step:      150, Batch Loss:    76.086983, \
+Batch Acc: 0.242088, Tokens per Sec:      809, Lr: 0.001000
+2026-11-22 14:23:09,741 - INFO - joeynmt.prediction - Generation took 32.6156[sec].
+2026-11-22 14:23:09,812 - INFO - joeynmt.prediction - Evaluation result (greedy): bleu:   1.37, loss:  79.19, \
+ppl: 142.86, acc:   0.24, 0.0581[sec]
+2026-11-22 14:26:41,222 - INFO - joeynmt.training - Epoch   1, Step:      250, Batch Loss:    66.449745, \
+Batch Acc: 0.249791, Tokens per Sec:      894, Lr: 0.001000
+2026-11-22 14:27:05,050 - INFO - joeynmt.training - Epoch   1, total training loss: 21262.58, num. of seqs: 29000, \
+num. of tokens: 454234, 557.1786[sec]
+2026-11-22 14:27:05,196 - INFO - joeynmt.prediction - Decoding on dev set... (device: cpu, n_gpu: 0)
+2026-11-22 14:27:50,873 - INFO - joeynmt.prediction - Generation took 45.6774[sec].
+2026-11-22 14:27:50,940 - INFO - joeynmt.prediction - Evaluation result (beam search): bleu:   1.80, 0.0558[sec]
+2026-11-22 14:27:50,941 - INFO - joeynmt.prediction - Decoding on test set... (device: cpu, n_gpu: 0)
+2026-11-22 14:28:31,554 - INFO - joeynmt.prediction - Generation took 40.6127[sec].
+2026-11-22 14:28:31,620 - INFO - joeynmt.prediction - Evaluation result (beam search): bleu:   1.83, 0.0560[sec]
+"""
+
+
+def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_path):
+    """Joey NMT 2.3.0's own log lines (from a real run) give the epoch's tokens per second and the test
+    set's decoding time, not the dev set's; Joey's vocabulary file is the run's pieces without specials."""
+    bench_joey = load_script("bench_joey")
+    result = bench_joey.parse_log(JOEY_LOG)
+    assert result["train_tgt_tokens"] == 454234 and result["train_seconds"] == pytest.approx(557.1786)
+    assert result["train_tgt_tokens_per_s"] == pytest.approx(454234 / 557.1786)
+    assert result["window_tgt_tokens_per_s"] == [809, 894]
+    assert (result["beam5_seconds"], result["beam5_bleu"]) == (40.6127, 1.83)  # the test set's, after the dev set's
+    with pytest.raises(SystemExit, match="no epoch summary"):
+        bench_joey.parse_log(JOEY_LOG.replace("total training loss", "interrupted"))
+
+    processor = spm.SentencePieceProcessor(model_file=str(debug_run / "spm.joint.model"))
+    count = bench_joey.write_vocab(debug_run / "spm.joint.model", tmp_path / "vocab.txt")
+    pieces = (tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert len(pieces) == count == processor.get_piece_size() - 4
+    assert not {"<unk>", "<pad>", "<s>", "</s>"} & set(pieces)
+    assert pieces == [processor.id_to_piece(i) for i in range(4, processor.get_piece_size())]
+
+    joey = {**result, "beam5_sentences_per_s": 24.6, "peak_rss_mb": 2423.0, "mean_hypothesis_pieces": 15.6}
+    nmt = {"train_tgt_tokens_per_s": 2172.0, "beam5_sentences_per_s": 92.0, "peak_rss_mb": 2341.0,
+           "train_bf16": {"tgt_tokens_per_s": 3554.0}, "decode_beam5": {"bleu": 40.48, "mean_output_pieces": 14.7}}
+    table = bench_joey.table(joey, nmt)
+    assert "| 815 | 2,172 | 2.66× |" in table and "| 815 | 3,554 | 4.36× |" in table
+    assert "| 24.6 | 92.0 | 3.74× |" in table and "| 24.6 | – | – |" in table  # no bf16 decoding figure given
+    assert "| 1.83 (one epoch) | 40.48 |" in table

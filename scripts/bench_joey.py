@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Joey NMT 2.3.0 on this machine, to put beside scripts/benchmark.py: training speed and beam-5 decoding.
+
+Joey NMT needs its own environment (it pins protobuf < 3.21 and pulls in tensorboard, datasets and
+more); install torch first so that pip keeps the CPU build. On today's packages Joey 2.3.0 also needs
+importlib_metadata (it imports it without declaring it) and sentencepiece 0.2.0 (0.2.3 no longer has
+the SetVocabulary name it calls); this script runs it with torch.load's weights_only check off, which
+its checkpoints predate, and with a constant learning rate, since its default plateau scheduler
+passes an argument that torch 2.13 no longer takes.
+
+    python -m venv ~/joey
+    ~/joey/bin/pip install torch==2.13.0 joeynmt==2.3.0 importlib_metadata sentencepiece==0.2.0
+    python scripts/benchmark.py --data-dir ../shared/data --run runs/best --out nmt.json
+    python scripts/bench_joey.py --joey-python ~/joey/bin/python --data-dir ../shared/data \
+        --spm runs/best/spm.joint.model --nmt-json nmt.json --out joey.json
+
+Joey trains the issue's reference model for one epoch of Multi30k de→en: embeddings 256, a
+bidirectional GRU encoder of 512, a GRU decoder of 512 with Bahdanau attention (Joey's defaults
+otherwise: input feeding, a bridge to the initial state), dropout 0.2, batches of 4,096 tokens, fp32,
+on the joint SentencePiece vocabulary of the given model (the pieces nmt uses). It validates once
+(greedy) so that a checkpoint exists, and after the epoch decodes test2016 with beam 5 (alpha 1.0,
+64 sentences a batch) as its `train` command does. Figures are Joey's own: the epoch's target tokens
+and training seconds (validation excluded) from its epoch summary, and "Generation took" for
+test2016. One epoch leaves the model undertrained: its hypotheses' lengths are reported, because
+beam search runs until they end.
+
+Writes JSON (--out) and prints a markdown table; with --nmt-json (benchmark.py's JSON from the same
+machine) the table also gives nmt's figures and the ratios. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece
+import yaml
+
+EPOCH_SUMMARY = re.compile(r"Epoch\s+1, total training loss: \S+, num\. of seqs: (\d+), "
+                           r"num\. of tokens: (\d+), ([\d.]+)\[sec\]")
+WINDOW = re.compile(r"Tokens per Sec:\s+(\d+)")
+GENERATION = re.compile(r"Generation took ([\d.]+)\[sec\]")
+BEAM_RESULT = re.compile(r"Evaluation result \(beam search\): bleu:\s+([\d.]+)")
+
+
+def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, validate_at: int) -> dict:
+    side = {"level": "bpe", "tokenizer_type": "sentencepiece", "voc_file": str(vocab),
+            "tokenizer_cfg": {"model_file": str(spm_model)}}
+    rnn = {"type": "recurrent", "rnn_type": "gru", "hidden_size": 512, "num_layers": 1, "dropout": 0.2,
+           "embeddings": {"embedding_dim": 256}}
+    return {
+        "name": "reference_gru_bahdanau",
+        "data": {"train": str(data_dir / "multi30k" / "train"), "dev": str(data_dir / "multi30k" / "val"),
+                 "test": str(data_dir / "multi30k" / "test_2016_flickr"), "dataset_type": "plain",
+                 "src": {"lang": "de", **side}, "trg": {"lang": "en", **side}},
+        "training": {"model_dir": str(model_dir), "overwrite": True, "use_cuda": False, "fp16": False,
+                     "random_seed": 42, "optimizer": "adam", "learning_rate": 0.001, "batch_size": 4096,
+                     # a constant learning rate (Joey's default plateau scheduler fails on a recent torch)
+                     "scheduling": "exponential", "decrease_factor": 1.0,
+                     "batch_type": "token", "epochs": 1, "validation_freq": validate_at, "logging_freq": 25,
+                     "eval_metrics": ["bleu"], "early_stopping_metric": "ppl", "keep_best_ckpts": 1,
+                     "shuffle": True, "num_workers": 0, "print_valid_sents": [0]},
+        "testing": {"beam_size": 5, "beam_alpha": 1.0, "batch_size": 64, "batch_type": "sentence",
+                    "eval_metrics": ["bleu"], "sacrebleu_cfg": {"tokenize": "13a"}},
+        "model": {"initializer": "xavier_uniform", "tied_embeddings": False, "tied_softmax": False,
+                  "encoder": {**rnn, "bidirectional": True},
+                  "decoder": {**rnn, "hidden_dropout": 0.2, "input_feeding": True, "init_hidden": "bridge",
+                              "attention": "bahdanau"}},
+    }
+
+
+def write_vocab(spm_model: Path, target: Path) -> int:
+    """Joey's vocabulary file: the model's pieces, without its control and unknown pieces (Joey adds its own)."""
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
+              if not (processor.is_control(i) or processor.is_unknown(i))]
+    target.write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    return len(pieces)
+
+
+def parse_log(log: str) -> dict:
+    summary = EPOCH_SUMMARY.search(log)
+    if summary is None:
+        raise SystemExit("bench_joey: Joey's log has no epoch summary; see its train.log for what went wrong.")
+    sequences, tokens, seconds = int(summary[1]), int(summary[2]), float(summary[3])
+    after_test = log[log.index("Decoding on test set"):]
+    return {"train_sentences": sequences, "train_tgt_tokens": tokens, "train_seconds": seconds,
+            "train_tgt_tokens_per_s": tokens / seconds,
+            "window_tgt_tokens_per_s": [int(w) for w in WINDOW.findall(log)],
+            "beam5_seconds": float(GENERATION.search(after_test)[1]),
+            "beam5_bleu": float(BEAM_RESULT.search(after_test)[1])}
+
+
+def table(joey: dict, nmt: dict | None) -> str:
+    """Joey's figures beside nmt's (benchmark.py's JSON) where given, with the ratios."""
+    nmt = nmt or {}
+    train_bf16 = nmt.get("train_bf16", {}).get("tgt_tokens_per_s")
+    rows = [  # label, Joey's figure, nmt's figure or None, format
+        ("training, target tok/s: both fp32", joey["train_tgt_tokens_per_s"], nmt.get("train_tgt_tokens_per_s"),
+         "{:,.0f}"),
+        ("training, target tok/s: nmt bf16 (Joey fp32)", joey["train_tgt_tokens_per_s"], train_bf16, "{:,.0f}"),
+        ("beam-5 decoding of test2016, sent/s: both fp32", joey["beam5_sentences_per_s"],
+         nmt.get("beam5_sentences_per_s"), "{:.1f}"),
+        ("beam-5 decoding, sent/s: nmt bf16 (Joey fp32)", joey["beam5_sentences_per_s"],
+         nmt.get("beam5_bf16_sentences_per_s"), "{:.1f}"),
+        ("peak RSS of the process, MB", joey["peak_rss_mb"], nmt.get("peak_rss_mb"), "{:,.0f}"),
+    ]
+    lines = ["| | Joey NMT 2.3.0 | nmt | nmt / Joey |", "|---|---:|---:|---:|"]
+    for label, joey_value, nmt_value, form in rows:
+        if nmt_value is None:
+            lines.append(f"| {label} | {form.format(joey_value)} | – | – |")
+        else:
+            lines.append(f"| {label} | {form.format(joey_value)} | {form.format(nmt_value)} | "
+                         f"{nmt_value / joey_value:.2f}× |")
+    beam = nmt.get("decode_beam5", {})
+    nmt_bleu, nmt_length = (f"{beam['bleu']:.2f}", f"{beam['mean_output_pieces']:.1f}") if beam else ("–", "–")
+    joey_bleu = f"{joey['beam5_bleu']:.2f} (one epoch)"
+    lines.append(f"| test2016 BLEU of the decoded model (beam 5) | {joey_bleu} | {nmt_bleu} | |")
+    lines.append(f"| mean hypothesis length, pieces | {joey['mean_hypothesis_pieces']:.1f} | {nmt_length} | |")
+    return "\n".join(lines)
+
+
+def run_joey(args: argparse.Namespace) -> dict:
+    """Train and decode with Joey as the module docstring says; its figures, read from its own log."""
+    work, data_dir, spm_model = Path(args.work_dir).resolve(), Path(args.data_dir).resolve(), Path(args.spm).resolve()
+    for needed in (spm_model, data_dir / "multi30k" / "train.de"):
+        if not needed.is_file():
+            raise SystemExit(f"bench_joey: {needed} does not exist; check --spm and --data-dir.")
+    work.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_vocab(spm_model, work / "vocab.txt")
+    config = joey_config(data_dir, work / "vocab.txt", spm_model, work / "model", args.validate_at)
+    config_path = work / "joey.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+    started = time.monotonic()
+    with open(work / "joey.out", "w", encoding="utf-8") as out:
+        # Joey 2.3.0 predates torch 2.6, whose torch.load refuses its checkpoints by default
+        env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+        done = subprocess.run([args.joey_python, "-m", "joeynmt", "train", str(config_path)],
+                              stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"bench_joey: Joey NMT exited with {done.returncode}; its output is in {work / 'joey.out'}.")
+    result = parse_log((work / "model" / "train.log").read_text(encoding="utf-8"))
+    hypotheses = (work / "model" / "best.hyps.test").read_text(encoding="utf-8").splitlines()
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    result.update({
+        "beam5_sentences_per_s": len(hypotheses) / result["beam5_seconds"],
+        "mean_hypothesis_pieces": sum(len(processor.encode(h)) for h in hypotheses) / len(hypotheses),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "wall_seconds": wall, "vocab_pieces": vocab_size + 4, "joey_config": config,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": sys.version.split()[0]},
+    })
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--joey-python", help="the python of an environment with joeynmt 2.3.0")
+    parser.add_argument("--data-dir", default="data", help="holds multi30k/{train,val,test_2016_flickr}.{de,en}")
+    parser.add_argument("--spm", help="a joint SentencePiece model, e.g. RUN/spm.joint.model")
+    parser.add_argument("--work-dir", default="joey_bench", help="Joey's config, vocabulary and model dir go here")
+    parser.add_argument("--validate-at", type=int, default=150,
+                        help="the one validation's step, which writes the checkpoint; a multiple of 25")
+    parser.add_argument("--nmt-json", default=None, help="scripts/benchmark.py's JSON from this machine")
+    parser.add_argument("--out", default=None, help="write the JSON here")
+    parser.add_argument("--report", default=None, help="run nothing: print the table of this script's earlier JSON")
+    args = parser.parse_args()
+    if args.report:
+        result = json.loads(Path(args.report).read_text(encoding="utf-8"))
+    elif args.joey_python and args.spm:
+        result = run_joey(args)
+    else:
+        parser.error("give --joey-python and --spm to run Joey, or --report FILE to print an earlier result")
+    nmt = json.loads(Path(args.nmt_json).read_text(encoding="utf-8")) if args.nmt_json else None
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(table(result, nmt))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
