@@ -98,7 +98,8 @@ def load_latest(path: Path, map_location: str | torch.device = "cpu") -> tuple[d
 
 def average_weights(paths: list[Path]) -> dict[str, Any]:
     """A model-only checkpoint whose floating-point weights are the mean of those of `paths` (summed in
-    float64); other tensors, `step` and `config` come from the last of them."""
+    float64); other tensors, `step` and `config` come from the last of them, and `averaged_from` and
+    `averaged_steps` name the checkpoints averaged and the steps they were written at."""
     states = [load_checkpoint(path) for path in paths]
     newest = states[-1]
     averaged = {}
@@ -109,4 +110,4 @@ def average_weights(paths: list[Path]) -> dict[str, Any]:
         total = sum(state["model"][key].double() for state in states)
         averaged[key] = (total / len(states)).to(tensor.dtype)
     return {"model": averaged, "step": newest.get("step"), "config": newest.get("config"),
-            "averaged_from": [path.name for path in paths]}
+            "averaged_from": [path.name for path in paths], "averaged_steps": [state.get("step") for state in states]}

@@ -549,7 +549,8 @@ class Trainer:
         save_checkpoint(averaged, self.files.checkpoint("averaged"))
         self.model.load_state_dict(averaged["model"])
         metrics = validate(self.model, self.data, self.cfg, self.device, self.precision)
-        return {**metrics, "first_step": int(kept[0].stem.split("-")[1]), "last_step": int(kept[-1].stem.split("-")[1])}
+        steps = averaged["averaged_steps"]
+        return {**metrics, "first_step": steps[0], "last_step": steps[-1]}
 
     def validate_and_checkpoint(self) -> None:
         cfg, state = self.cfg.trainer, self.state
