@@ -145,7 +145,8 @@ def load_trained(run_dir: str | Path, checkpoint: str, device, ensemble: Sequenc
 def _load_model(files: RunFiles, config: TrainConfig, vocab: Vocab, path: Path, device) -> Seq2Seq:
     if not path.exists():
         raise NMTError(f"The checkpoint {path} does not exist; has the run {files.run_dir} saved one yet? "
-                       f"Choose another with checkpoint=best, last or step0 (or a file in {files.run_dir / 'checkpoints'}).")
+                       f"Choose another with checkpoint=best, last or step0 "
+                       f"(or a file in {files.run_dir / 'checkpoints'}).")
     state = load_checkpoint(path, map_location="cpu")
     model = build_model(config.model, vocab.size("src"), vocab.size("tgt"))
     try:

@@ -107,8 +107,8 @@ def interactive(session: Session) -> None:
     if readline is not None and history.exists():
         readline.read_history_file(history)
     members = f" + {len(session.run.ensemble)} more" if session.run.ensemble else ""
-    print(f"nmt: {session.run.files.run_dir} ({session.run.checkpoint.name}{members}), beam {session.options.beam_size}. "
-          f"Type :help for commands.")
+    print(f"nmt: {session.run.files.run_dir} ({session.run.checkpoint.name}{members}), "
+          f"beam {session.options.beam_size}. Type :help for commands.")
     while True:
         try:
             line = input("> ")

@@ -77,9 +77,8 @@ def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, v
     }
 
 
-def write_vocab(spm_model: Path, target: Path) -> int:
+def write_vocab(processor: sentencepiece.SentencePieceProcessor, target: Path) -> int:
     """Joey's vocabulary file: the model's pieces, without its control and unknown pieces (Joey adds its own)."""
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
               if not (processor.is_control(i) or processor.is_unknown(i))]
     target.write_text("\n".join(pieces) + "\n", encoding="utf-8")
@@ -135,7 +134,8 @@ def run_joey(args: argparse.Namespace) -> dict:
         if not needed.is_file():
             raise SystemExit(f"bench_joey: {needed} does not exist; check --spm and --data-dir.")
     work.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_vocab(spm_model, work / "vocab.txt")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    vocab_size = write_vocab(processor, work / "vocab.txt")
     config = joey_config(data_dir, work / "vocab.txt", spm_model, work / "model", args.validate_at)
     config_path = work / "joey.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -151,7 +151,6 @@ def run_joey(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bench_joey: Joey NMT exited with {done.returncode}; its output is in {work / 'joey.out'}.")
     result = parse_log((work / "model" / "train.log").read_text(encoding="utf-8"))
     hypotheses = (work / "model" / "best.hyps.test").read_text(encoding="utf-8").splitlines()
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
     result.update({
         "beam5_sentences_per_s": len(hypotheses) / result["beam5_seconds"],
         "mean_hypothesis_pieces": sum(len(processor.encode(h)) for h in hypotheses) / len(hypotheses),

@@ -148,7 +148,7 @@ def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_pat
         bench_joey.parse_log(JOEY_LOG.replace("total training loss", "interrupted"))
 
     processor = spm.SentencePieceProcessor(model_file=str(debug_run / "spm.joint.model"))
-    count = bench_joey.write_vocab(debug_run / "spm.joint.model", tmp_path / "vocab.txt")
+    count = bench_joey.write_vocab(processor, tmp_path / "vocab.txt")
     pieces = (tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert len(pieces) == count == processor.get_piece_size() - 4
     assert not {"<unk>", "<pad>", "<s>", "</s>"} & set(pieces)
