@@ -121,6 +121,11 @@ class DataConfig:
     # processes that encode the training split into the cache; 0 = one for small corpora, else
     # one per CPU (up to 8). The result does not depend on it.
     encode_workers: int = 0
+    # subword regularization while training (nmt.data.sampling): each epoch segments the training
+    # text anew. Unigram: sample among the subword_nbest best segmentations (-1: all), smoothed by
+    # subword_alpha; BPE: subword_alpha is the BPE-dropout rate. 0 = off, the one best segmentation.
+    subword_alpha: float = 0.0
+    subword_nbest: int = -1
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
@@ -138,6 +143,10 @@ class DataConfig:
         check_non_negative("data.val_limit", self.val_limit)
         check_positive("data.batch_tokens", self.batch_tokens)
         check_positive("data.sort_pool", self.sort_pool)
+        check_probability("data.subword_alpha", self.subword_alpha, upper_inclusive=True)
+        if self.subword_nbest != -1 and self.subword_nbest < 2:
+            raise ConfigError(f"data.subword_nbest must be -1 (sample among all segmentations) or at least 2, "
+                              f"got {self.subword_nbest}.")
         check_non_negative("data.encode_workers", self.encode_workers)
         if self.dataset == "files":
             for split in ("train", "val"):

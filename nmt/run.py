@@ -46,6 +46,13 @@ class RunFiles:
     def checkpoint(self, name: str) -> Path:
         return self.run_dir / "checkpoints" / f"{name}.pt"
 
+    def segmentation(self, epoch: int) -> Path:
+        """The training pieces of epoch `epoch` (0-based) under data.subword_alpha."""
+        return self.run_dir / "segmentation" / f"epoch-{epoch + 1:04d}.npz"
+
+    def segmentations(self) -> list[Path]:
+        return sorted((self.run_dir / "segmentation").glob("epoch-*.npz"))
+
     def validation_checkpoints(self) -> list[Path]:
         """The kept checkpoints/val-STEP.pt (trainer.keep_checkpoints), oldest first."""
         return sorted((self.run_dir / "checkpoints").glob("val-*.pt"))

@@ -28,9 +28,10 @@ from nmt import distributed
 from nmt.checkpoint import average_weights, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
-from nmt.data.batching import Batch, collate, epoch_batches, padding_share
+from nmt.data.batching import Batch, EncodedCorpus, collate, epoch_batches, padding_share
 from nmt.data.cache import cache_root
 from nmt.data.pipeline import TrainingData, prepare_training_data
+from nmt.data.sampling import SegmentationSampler, load_segmentation, save_segmentation
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
@@ -293,6 +294,9 @@ class Trainer:
         with self.dist.main_first():
             self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed,
                                               cache_root(cfg.paths.cache_dir, files.run_dir), self.dist.is_main)
+        # under data.subword_alpha rank 0 segments the training text anew each epoch (epoch_corpus)
+        self.sampler = (SegmentationSampler(self.data.train, self.data.vocab, cfg.data)
+                        if cfg.data.subword_alpha and self.dist.is_main else None)
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
         setup_embeddings(self.model, cfg, self.data)
         self.model.to(self.device)
@@ -309,6 +313,7 @@ class Trainer:
         self.interrupted = 0  # the signal that asked us (or, under torchrun, any rank) to stop, if any
         self.signalled = False  # whether this process itself received SIGINT or SIGTERM
         self.first_batch_seen = False
+        self.resumable_epochs: list[int] = []  # the epochs of last.pt and of the one it replaced
         params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
         log.info("model: %s parameters, device %s%s, precision %s%s", f"{params:,}", self.device, ranks,
@@ -322,6 +327,30 @@ class Trainer:
         state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.cfg_dict, rank_rng,
                                  self.precision.state_dict())
         save_checkpoint(state, self.files.checkpoint(name), keep_previous=name == "last")
+        if name == "last" and self.cfg.data.subword_alpha:
+            self.drop_old_segmentations()
+
+    def epoch_corpus(self) -> EncodedCorpus:
+        """The training pairs as this epoch segments them: the cache's, or under data.subword_alpha a
+        sample that rank 0 draws once per epoch into the run directory, where the other ranks, and a
+        run resumed in this epoch, read it (SentencePiece's draws differ between processes)."""
+        if not self.cfg.data.subword_alpha:
+            return self.data.train
+        path = self.files.segmentation(self.state.epoch)
+        with self.dist.main_first():
+            if self.dist.is_main and not path.exists():
+                save_segmentation(self.sampler.epoch(self.cfg.trainer.seed, self.state.epoch), path)
+            elif self.dist.is_main:
+                log.info("epoch %d: the training pieces sampled for it before are in %s", self.state.epoch + 1, path)
+        return load_segmentation(path)
+
+    def drop_old_segmentations(self) -> None:
+        """Keep the epochs' pieces that last.pt and the last.pt it replaced may resume into."""
+        self.resumable_epochs = [*self.resumable_epochs[-1:], self.state.epoch]
+        oldest = self.files.segmentation(min(self.resumable_epochs)).name
+        for path in self.files.segmentations():
+            if path.name < oldest:  # the names sort by epoch
+                path.unlink()
 
     def keep_validation_weights(self, keep: int) -> None:
         """checkpoints/val-STEP.pt (the model alone) for this validation; only the newest `keep` stay."""
@@ -336,6 +365,7 @@ class Trainer:
         checkpoint, path = load_latest(self.files.checkpoint("last"), map_location="cpu")
         self.unfreeze_if_due(checkpoint["train_state"]["step"])  # so the optimizer has the groups it saved
         self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler, self.dist)
+        self.resumable_epochs = [self.state.epoch]
         self.precision.load_state_dict(checkpoint.get("scaler", {}))
         self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
         if self.dist.is_main:
@@ -405,11 +435,12 @@ class Trainer:
 
     def train_epoch(self, started: float, max_seconds: float | None) -> None:
         cfg, state, dist = self.cfg.trainer, self.state, self.dist
-        batches = epoch_batches(self.data.train, self.cfg.data.batch_tokens, self.cfg.data.sort_pool, cfg.seed, state.epoch)
+        corpus = self.epoch_corpus()
+        batches = epoch_batches(corpus, self.cfg.data.batch_tokens, self.cfg.data.sort_pool, cfg.seed, state.epoch)
         self.epoch_size = len(batches)
         if state.batch_in_epoch == 0:
             log.info("epoch %d: %d batches, %.1f%% padding", state.epoch + 1, len(batches),
-                     100 * padding_share(self.data.train, batches))
+                     100 * padding_share(corpus, batches))
         mine = rank_batches(len(batches), state.batch_in_epoch, dist.rank, dist.world_size)  # this rank's share
         bar = tqdm(total=len(batches), initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}", unit="batch",
                    dynamic_ncols=True, disable=not dist.is_main)
@@ -417,7 +448,7 @@ class Trainer:
         self.train_model.train()
         end_of_epoch, step_in_epoch = False, 0
         while not end_of_epoch and not state.stop_reason:
-            batch = collate(self.data.train, batches[mine[step_in_epoch]])
+            batch = collate(corpus, batches[mine[step_in_epoch]])
             step_in_epoch += 1
             self.log_first_batch()
             result = train_step(self.train_model, batch, self.optimizer, self.cfg, self.device, dist, self.precision)

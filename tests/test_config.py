@@ -85,6 +85,9 @@ def test_unknown_experiment_lists_the_choices(capsys):
     ("model.tie_embeddings=true", None),
     ("data.src_lang=en", "data.src_lang"),  # the same language on both sides
     ("trainer.val_beam_size=0", "trainer.val_beam_size"),
+    ("data.subword_alpha=1.5", "data.subword_alpha"),
+    ("data.subword_nbest=1", "data.subword_nbest"),
+    ("data.subword_nbest=-1", None),  # sample among all segmentations
 ])
 def test_overrides_are_checked_before_any_work(override, key, capsys):
     calls = []

@@ -17,12 +17,14 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+import yaml
 
 from conftest import FAST_DEBUG, run_cli
 from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
 from nmt.config import ModelConfig, OptimConfig, TrainConfig
-from nmt.data.batching import EncodedCorpus, collate
+from nmt.data.batching import EncodedCorpus, collate, epoch_batches
+from nmt.data.sampling import load_segmentation
 from nmt.distributed import Distributed, PeerFailed, advance, rank_batches, wrap_model
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import build_model
@@ -214,6 +216,22 @@ def test_a_two_rank_run_resumed_by_one_process_continues_at_the_right_global_bat
     assert "continues on 1 process(es) instead of 2: the epoch goes on at its batch 4" in out.stderr
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["world_size"]) == (2 + 6, 1, 0, 1)
+
+
+def test_two_ranks_train_on_one_sampled_segmentation_and_a_resume_reads_it_back(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    sampled = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", "data.subword_alpha=0.2"]
+    out = torchrun(*sampled, "trainer.max_steps=2")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stderr.count("segmentation sampled") == 1  # rank 0 draws it; rank 1 reads the file
+    out = run_cli("nmt-train", *sampled, "trainer.resume=true")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "segmentation sampled" not in out.stderr and "sampled for it before" in out.stderr
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    pieces = load_segmentation(run_dir / "segmentation" / "epoch-0001.npz")
+    batches = epoch_batches(pieces, cfg["data"]["batch_tokens"], cfg["data"]["sort_pool"], cfg["trainer"]["seed"], 0)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]
+    assert (state["step"], state["epoch"]) == (2 + len(batches) - 4, 1)  # batches 0-3 by two ranks, the rest by one
 
 
 def _children(pid: int) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import FAST_DEBUG, REPO, run_cli, script_path
-from nmt.checkpoint import load_checkpoint
+from nmt.checkpoint import load_checkpoint, previous_path
 from nmt.run import load_trained
 
 EMBEDDING_DIM = 48  # model.embedding_dim in experiment=debug
@@ -462,6 +462,25 @@ def test_average_last_needs_the_weights_kept(shared_data_dir, tmp_path):
                   "trainer.average_last=3", "trainer.keep_checkpoints=2")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "trainer.keep_checkpoints=3 (or more)" in out.stderr
+
+
+def test_subword_sampled_training_resumes_after_a_crash_as_if_uninterrupted(shared_data_dir, tmp_path):
+    extra = ["data.subword_alpha=0.2", "trainer.max_epochs=2", "trainer.validate_every=3"]
+    reference = tmp_path / "reference"
+    out = train(shared_data_dir, reference, *extra)
+    assert "epoch 1: segmentation sampled" in out.stderr and "epoch 2: segmentation sampled" in out.stderr
+    # only the epochs that last.pt, or the last.pt it replaced, may resume into keep their pieces
+    replaced = load_checkpoint(previous_path(reference / "checkpoints" / "last.pt"))["train_state"]["epoch"]
+    kept = sorted(p.name for p in (reference / "segmentation").iterdir())
+    assert kept == [f"epoch-{epoch + 1:04d}.npz" for epoch in range(replaced, 2)]
+    run_dir = tmp_path / "run"
+    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
+    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=3), *args)
+    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["batch_in_epoch"] == 3  # mid-epoch
+    train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
+    assert_same_weights(weights(run_dir, "last"), weights(reference, "last"))
+    assert val_records(run_dir) == val_records(reference)
 
 
 # --- learning-rate schedules over the training budget ------------------------------------------------------
