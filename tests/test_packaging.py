@@ -1,5 +1,6 @@
 """The console scripts work from a built wheel (configs shipped inside the package), not only in place."""
 
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,12 @@ def wheel_env(tmp_path_factory):
                     str(work / "dist"), str(ROOT)], check=True)
     wheel = next((work / "dist").glob("nmt-*.whl"))
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # the dependencies from this environment's site-packages, but as plain paths: the .pth files there (this
+    # checkout's editable install among them) are not processed, so nmt comes from the wheel alone. (Not
+    # --system-site-packages: run from a venv, that gives the base interpreter's packages, not this venv's.)
+    (target,) = Path(venv / "lib").glob("python*/site-packages")
+    (target / "parent_environment.pth").write_text("".join(f"{path}\n" for path in site.getsitepackages()))
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
                     str(wheel)], check=True)
     return venv / "bin", work

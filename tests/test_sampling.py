@@ -7,6 +7,7 @@ import pytest
 
 from nmt.config import DataConfig, VocabConfig
 from nmt.data.batching import EncodedCorpus
+from nmt.data import sampling
 from nmt.data.sampling import SegmentationSampler, load_segmentation, save_segmentation
 from nmt.data.vocab import UNK_ID, Vocab
 from nmt.errors import NMTError
@@ -49,11 +50,16 @@ def test_the_sample_is_a_function_of_seed_and_epoch(setup):
 
 def test_a_pair_that_the_length_filter_would_drop_keeps_its_best_segmentation(setup):
     vocab, best = setup
-    unlimited = SegmentationSampler(best, vocab, DataConfig(subword_alpha=0.05)).epoch(seed=1, epoch=0)
     max_len = int(max(best.src_lens.max(), best.tgt_lens.max()))
-    longer = [i for i in range(len(best)) if max(unlimited.src_lens[i], unlimited.tgt_lens[i]) > max_len]
-    assert longer, "no sampled pair grew past the longest best segmentation; sample harder"
-    limited = SegmentationSampler(best, vocab, DataConfig(subword_alpha=0.05, max_len=max_len)).epoch(seed=1, epoch=0)
+    unlimited, limited = (SegmentationSampler(best, vocab, DataConfig(subword_alpha=0.05, max_len=limit))
+                          for limit in (100, max_len))
+    for epoch in range(20):  # draws differ between processes: find an epoch in which some pair grew past max_len
+        grown = unlimited.epoch(seed=1, epoch=epoch)
+        longer = [i for i in range(len(best)) if max(grown.src_lens[i], grown.tgt_lens[i]) > max_len]
+        if longer:
+            break
+    assert longer, "no sampled pair grew past the longest best segmentation in 20 epochs; sample harder"
+    limited = limited.epoch(seed=1, epoch=epoch)
     assert max(limited.src_lens.max(), limited.tgt_lens.max()) <= max_len
     for i in longer:
         assert limited.src(i).tolist() == best.src(i).tolist() and limited.tgt(i).tolist() == best.tgt(i).tolist()
@@ -83,3 +89,17 @@ def test_a_saved_segmentation_loads_back_the_same_pieces_and_a_damaged_one_is_a_
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(NMTError, match="epoch-0001.npz cannot be read.*Delete it and resume"):
         load_segmentation(path)
+
+
+def test_segmenting_in_chunks_keeps_every_pair_in_its_place(setup, monkeypatch):
+    vocab, best = setup
+    src = [vocab.side("src").decode(best.src(i).tolist()) for i in range(len(best))]
+    src[7] = "Zwei Ω Hunde spielen im Park."  # an unknown piece in the second chunk
+    best = EncodedCorpus.from_lists(vocab.encode(src, "src"), [best.tgt(i).tolist() for i in range(len(best))])
+    monkeypatch.setattr(sampling, "CHUNK_PAIRS", 5)
+    chunked = SegmentationSampler(best, vocab, DataConfig(subword_alpha=0.2)).epoch(seed=1, epoch=0)
+    assert len(chunked) == len(best)
+    for side in ("src", "tgt"):
+        assert vocab.side(side).decode(rows(chunked, side)) == vocab.side(side).decode(rows(best, side))
+        assert rows(chunked, side) != rows(best, side)
+    assert chunked.src(7).tolist() == best.src(7).tolist() and chunked.tgt(7).tolist() == best.tgt(7).tolist()

@@ -10,13 +10,16 @@ SentencePiece's decode inverts its encode on normalized text, so no raw file is 
 whose sampled pieces break the length filter, or whose ids hold an unknown piece (whose text cannot
 come back), keeps its best segmentation.
 
-SentencePiece seeds its sampler per thread, so even a seeded draw differs from one process to the
-next. The trainer therefore draws each epoch's sample once, on rank 0, and keeps it in the run
-directory (`save_segmentation`): every DDP rank, and a run resumed in that epoch, reads the same pieces.
+Even with its seed set, SentencePiece's draws differ from one process to the next. The trainer
+therefore draws each epoch's sample once, on rank 0, and keeps it in the run directory
+(`save_segmentation`): every DDP rank, and a run resumed in that epoch, reads the same pieces.
+Later epochs are drawn anew, so a resumed run matches an uninterrupted one only to the end of the
+epoch it resumed in.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -35,35 +38,58 @@ from nmt.errors import NMTError
 log = logging.getLogger(__name__)
 
 ARRAYS = ("src_flat", "src_offsets", "tgt_flat", "tgt_offsets")  # EncodedCorpus's fields, in order
+CHUNK_PAIRS = 10_000  # pairs segmented at a time: an epoch's pieces never stand as Python lists whole
 
 
 class SegmentationSampler:
-    """The training pairs of `corpus`, segmented by sampling: `epoch(seed, epoch)` -> an EncodedCorpus."""
+    """The training pairs of `corpus`, segmented by sampling: `epoch(seed, epoch)` -> an EncodedCorpus.
+
+    It holds the training text; an epoch's pieces are drawn CHUNK_PAIRS pairs at a time into flat arrays.
+    """
 
     def __init__(self, corpus: EncodedCorpus, vocab: Vocab, cfg: DataConfig):
         self.corpus, self.vocab, self.cfg = corpus, vocab, cfg
-        self.best = {side: [getattr(corpus, side)(i).tolist() for i in range(len(corpus))] for side in SIDES}
-        self.text = {side: vocab.side(side).decode(self.best[side]) for side in SIDES}
-        self.fixed = {i for side in SIDES for i, ids in enumerate(self.best[side]) if UNK_ID in ids}
+        self.text, self.fixed = {side: [] for side in SIDES}, set()
+        for start in range(0, len(corpus), CHUNK_PAIRS):
+            for side in SIDES:
+                best = self.best_rows(side, start)
+                self.text[side] += vocab.side(side).decode(best)
+                self.fixed.update(start + i for i, ids in enumerate(best) if UNK_ID in ids)
+
+    def best_rows(self, side: str, start: int) -> list[list[int]]:
+        return [getattr(self.corpus, side)(i).tolist() for i in range(start, min(len(self.corpus), start + CHUNK_PAIRS))]
 
     def epoch(self, seed: int, epoch: int) -> EncodedCorpus:
         started = time.monotonic()
         spm.set_random_generator_seed(int(np.random.default_rng([seed, epoch]).integers(1, 2**31)))
-        sampled = {side: self.vocab.side(side).encode(self.text[side], out_type=int, enable_sampling=True,
-                                                      alpha=self.cfg.subword_alpha, nbest_size=self.cfg.subword_nbest,
-                                                      num_threads=1)  # reproducible within a process
-                   for side in SIDES}
-        keep = set(length_filter(sampled["src"], sampled["tgt"], self.cfg, FilterReport())) - self.fixed
+        flat, lens, kept_best = {side: [] for side in SIDES}, {side: [] for side in SIDES}, 0
+        for start in range(0, len(self.corpus), CHUNK_PAIRS):
+            sampled = {side: self.vocab.side(side).encode(self.text[side][start:start + CHUNK_PAIRS], out_type=int,
+                                                          enable_sampling=True, alpha=self.cfg.subword_alpha,
+                                                          nbest_size=self.cfg.subword_nbest,
+                                                          num_threads=1)  # reproducible within a process
+                       for side in SIDES}
+            keep = set(length_filter(sampled["src"], sampled["tgt"], self.cfg, FilterReport()))
+            keep -= {i - start for i in self.fixed if start <= i < start + CHUNK_PAIRS}
+            kept_best += len(sampled["src"]) - len(keep)
+            for side in SIDES:
+                rows = [ids if i in keep else getattr(self.corpus, side)(start + i).tolist()
+                        for i, ids in enumerate(sampled[side])]
+                lens[side].append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+                flat[side].append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32,
+                                              count=int(lens[side][-1].sum())))
+        arrays = {}
         for side in SIDES:
-            sampled[side] = [ids if i in keep else self.best[side][i] for i, ids in enumerate(sampled[side])]
-        corpus = EncodedCorpus.from_lists(sampled["src"], sampled["tgt"])
-        pieces = {side: len(getattr(corpus, f"{side}_flat")) / max(1, len(getattr(self.corpus, f"{side}_flat")))
+            lengths = np.concatenate(lens[side]) if lens[side] else np.zeros(0, dtype=np.int64)
+            arrays[f"{side}_flat"] = np.concatenate(flat[side]) if flat[side] else np.zeros(0, dtype=np.int32)
+            arrays[f"{side}_offsets"] = np.concatenate([[0], np.cumsum(lengths)])
+        corpus = EncodedCorpus(**arrays)
+        growth = {side: len(arrays[f"{side}_flat"]) / max(1, len(getattr(self.corpus, f"{side}_flat"))) - 1
                   for side in SIDES}
         log.info("epoch %d: segmentation sampled (data.subword_alpha=%g, data.subword_nbest=%d) in %.1f s: "
                  "%+.1f%% source and %+.1f%% target pieces against the best segmentation; %d pairs kept the best "
-                 "(length filter, unknown piece)",
-                 epoch + 1, self.cfg.subword_alpha, self.cfg.subword_nbest, time.monotonic() - started,
-                 100 * (pieces["src"] - 1), 100 * (pieces["tgt"] - 1), len(self.corpus) - len(keep))
+                 "(length filter, unknown piece)", epoch + 1, self.cfg.subword_alpha, self.cfg.subword_nbest,
+                 time.monotonic() - started, 100 * growth["src"], 100 * growth["tgt"], kept_best)
         return corpus
 
 
