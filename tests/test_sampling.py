@@ -32,7 +32,7 @@ def test_a_sampled_epoch_changes_the_pieces_and_keeps_the_text(setup):
     for side in ("src", "tgt"):
         assert vocab.side(side).decode(rows(sampled, side)) == vocab.side(side).decode(rows(best, side))
         changed = sum(a != b for a, b in zip(rows(sampled, side), rows(best, side)))
-        assert changed >= len(best) // 3, f"{side}: only {changed} of {len(best)} sentences segmented differently"
+        assert changed >= len(best) // 4, f"{side}: only {changed} of {len(best)} sentences segmented differently"
 
 
 def test_the_sample_is_a_function_of_seed_and_epoch(setup):
