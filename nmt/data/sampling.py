@@ -78,11 +78,10 @@ class SegmentationSampler:
                 lens[side].append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
                 flat[side].append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32,
                                               count=int(lens[side][-1].sum())))
-        arrays = {}
+        arrays = {}  # the training split is never empty (nmt.data.pipeline refuses one)
         for side in SIDES:
-            lengths = np.concatenate(lens[side]) if lens[side] else np.zeros(0, dtype=np.int64)
-            arrays[f"{side}_flat"] = np.concatenate(flat[side]) if flat[side] else np.zeros(0, dtype=np.int32)
-            arrays[f"{side}_offsets"] = np.concatenate([[0], np.cumsum(lengths)])
+            arrays[f"{side}_flat"] = np.concatenate(flat[side])
+            arrays[f"{side}_offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(lens[side]))])
         corpus = EncodedCorpus(**arrays)
         growth = {side: len(arrays[f"{side}_flat"]) / max(1, len(getattr(self.corpus, f"{side}_flat"))) - 1
                   for side in SIDES}
