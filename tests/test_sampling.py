@@ -1,4 +1,4 @@
-"""Subword regularization on a real SentencePiece model: each epoch new pieces, the same text, reproducibly."""
+"""Subword regularization on a real SentencePiece model: each epoch new pieces, the same text; saved and read back."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_a_sampled_epoch_changes_the_pieces_and_keeps_the_text(setup):
         assert changed >= len(best) // 4, f"{side}: only {changed} of {len(best)} sentences segmented differently"
 
 
-def test_the_sample_is_a_function_of_seed_and_epoch(setup):
+def test_within_a_process_the_sample_is_a_function_of_seed_and_epoch(setup):
     vocab, best = setup
     sampler = SegmentationSampler(best, vocab, DataConfig(subword_alpha=0.2))
     first = sampler.epoch(seed=1, epoch=0)
