@@ -453,8 +453,6 @@ class Trainer:
             self.log_first_batch()
             result = train_step(self.train_model, batch, self.optimizer, self.cfg, self.device, dist, self.precision)
             self.count_nonfinite(result)
-            if self.cfg.optim.scheduler == "inverse_sqrt":
-                self.scheduler.step()
             state.step += 1
             position = state.batch_in_epoch
             state.batch_in_epoch = advance(position, len(batches), dist.world_size)
@@ -474,8 +472,7 @@ class Trainer:
             end_of_epoch = state.batch_in_epoch == len(batches)
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if isinstance(self.scheduler, BudgetSchedule):
-                self.scheduler.update(state.step, self.budget_used(max_seconds))
+            self.schedule_next_update(max_seconds)
             if self.interrupted:
                 state.stop_reason = "interrupted"
                 break  # run() saves last.pt; validating now would keep the user waiting
@@ -519,6 +516,13 @@ class Trainer:
         after = self.cfg.model.embeddings.unfreeze_after
         if after and step >= after and unfreeze_embeddings(self.model, self.optimizer, self.scheduler):
             log.info("step %d: embeddings unfrozen (model.embeddings.unfreeze_after=%d)", step, after)
+
+    def schedule_next_update(self, max_seconds: float | None) -> None:
+        """Set the learning rate of the next update. optim.scheduler=plateau moves at validation instead."""
+        if isinstance(self.scheduler, BudgetSchedule):
+            self.scheduler.update(self.state.step, self.budget_used(max_seconds))
+        elif isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # inverse_sqrt
+            self.scheduler.step()
 
     def budget_used(self, max_seconds: float | None) -> float:
         """The share (0..1) of the training budget used: the largest of the shares of trainer.max_epochs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import shutil
@@ -503,6 +504,15 @@ def test_linear_schedule_falls_with_the_steps_and_resumes_after_a_crash_as_if_un
     train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
     assert_same_weights(weights(run_dir, "last"), weights(reference, "last"))
     assert val_records(run_dir) == val_records(reference)
+
+
+def test_inverse_sqrt_warms_up_then_falls_with_each_update(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "optim.scheduler=inverse_sqrt", "optim.warmup_steps=4", "optim.lr=0.003",
+          "trainer.max_steps=8", "trainer.validate_every=2")
+    # after update k the rate for the next is 0.003 * min((k + 1) / 4, sqrt(4 / (k + 1)))
+    expected = [0.003 * min((k + 1) / 4, math.sqrt(4 / (k + 1))) for k in (2, 4, 6, 8)]
+    assert [r["lr"] for r in val_records(run_dir)] == pytest.approx(expected)
 
 
 def test_a_time_budget_schedule_ends_at_min_lr_when_the_time_is_up(shared_data_dir, tmp_path):
