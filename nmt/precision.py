@@ -24,10 +24,44 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def has_bf16_matmul(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run on fast kernels here.
+
+    On a CPU, oneDNN has bf16 kernels only with AVX-512 (native with AVX512-BF16 or AMX); on an
+    AVX2-only CPU (AMD Zen 3, for one) bf16 falls back to slow reference code (README, "Mixed precision"). A CUDA GPU needs compute capability 8.0 or an emulation torch accepts.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to say, so trust the user's choice
+        return True
+
+
+def cpu_bf16_fallback(key: str, device: torch.device) -> bool:
+    """True, with a warning naming `key`, when bf16 was asked for on a CPU without fast bf16 kernels:
+    the caller then runs fp32, which is many times faster there than emulated bf16."""
+    if device.type != "cpu" or has_bf16_matmul(device):
+        return False
+    if key not in _WARNED:  # once per key: nmt-translate decodes every line on its own
+        _WARNED.add(key)
+        log.warning("%s=bf16: this CPU (%s) has no bfloat16 matrix kernels (they need AVX-512 or AMX), and "
+                    "emulated bf16 is tens of times slower than fp32, so fp32 is used instead. Set %s=fp32 to "
+                    "say so and silence this warning.", key, torch.backends.cpu.get_cpu_capability(), key)
+    return True
+
+
+_WARNED: set[str] = set()
+
+
 class Precision:
     """What `trainer.precision` means on one device: an autocast context and, for fp16, a GradScaler."""
 
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, key: str = "trainer.precision"):
+        if name == "bf16" and cpu_bf16_fallback(key, device):
+            name = "fp32"
         self.name = name
         self.dtype = DTYPES[name]
         self.device_type = device.type

@@ -317,7 +317,7 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
         log.info("model: %s parameters, device %s%s, precision %s%s", f"{params:,}", self.device, ranks,
-                 cfg.trainer.precision, ", decoder step compiled" if cfg.trainer.compile else "")
+                 self.precision.name, ", decoder step compiled" if cfg.trainer.compile else "")
 
     def save(self, name: str) -> None:
         """Every rank calls this (each hands in its random state); rank 0 writes the file."""

@@ -168,6 +168,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.speed_worker:
         return speed_worker(args.speed_worker, args.device, args.length, args.batch_tokens, args.warmup, args.steps)
+    import torch
+
+    from nmt.precision import has_bf16_matmul
+
+    if not has_bf16_matmul(torch.device(args.device)):  # nmt would run them as fp32: nothing to compare
+        print(f"bf16 variants skipped: {args.device} has no fast bf16 matrix kernels (on a CPU they need AVX-512 or "
+              f"AMX), and nmt-train runs fp32 there instead", file=sys.stderr)
+        args.variants, args.bleu_variants = ([v for v in names if VARIANTS[v][0] != "bf16"]
+                                             for names in (args.variants, args.bleu_variants))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}", "device": args.device,

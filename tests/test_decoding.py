@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from nmt.config import DecodeConfig, ModelConfig, VocabConfig
+import nmt.precision
+from nmt.config import DecodeConfig, EvalOptions, ModelConfig, VocabConfig
 from nmt.data.vocab import Vocab
 from nmt.decoding import translate_sentences
 from nmt.model.seq2seq import build_model
@@ -69,7 +72,8 @@ def test_decoding_is_deterministic_in_training_mode_too(setup):
     assert first == second
 
 
-def test_bf16_decoding_runs_the_output_layer_in_bf16_and_fp32_keeps_the_callers_autocast(setup):
+def test_bf16_decoding_runs_the_output_layer_in_bf16_and_fp32_keeps_the_callers_autocast(setup, monkeypatch):
+    monkeypatch.setattr(nmt.precision, "has_bf16_matmul", lambda device: True)  # test bf16 on any CPU
     model, vocab, sources = setup
     dtypes = []
     model.output.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
@@ -83,3 +87,19 @@ def test_bf16_decoding_runs_the_output_layer_in_bf16_and_fp32_keeps_the_callers_
     with torch.autocast("cpu", dtype=torch.bfloat16):  # validation under trainer.precision=bf16
         translate_sentences(model, vocab, sources, DecodeConfig(beam_size=3), device)
     assert set(dtypes) == {torch.bfloat16}
+
+
+def test_bf16_decoding_on_a_cpu_without_bf16_kernels_runs_fp32_and_says_so_once(setup, monkeypatch, caplog):
+    monkeypatch.setattr(nmt.precision, "has_bf16_matmul", lambda device: False)
+    monkeypatch.setattr(nmt.precision, "_WARNED", set())
+    model, vocab, sources = setup
+    dtypes = []
+    model.output.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    cfg = EvalOptions(beam_size=3, precision="bf16")
+    with caplog.at_level(logging.WARNING):
+        first = translate_sentences(model, vocab, sources, cfg, torch.device("cpu"))
+        second = translate_sentences(model, vocab, sources, cfg, torch.device("cpu"))
+    assert set(dtypes) == {torch.float32}
+    assert [t.text for t in first] == [t.text for t in second]
+    warnings = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert len(warnings) == 1 and "eval.precision=bf16" in warnings[0] and "eval.precision=fp32" in warnings[0]

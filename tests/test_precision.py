@@ -15,10 +15,17 @@ from nmt.cli import main
 from nmt.config import ModelConfig, OptimConfig, TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.model.seq2seq import build_model
-from nmt.precision import Precision, _with_fallback, compile_decoder_step
+import nmt.precision
+from nmt.precision import Precision, _with_fallback, compile_decoder_step, has_bf16_matmul
 from nmt.train import build_optimizer, train_step
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def bf16_kernels(monkeypatch):
+    """Test the bf16 arithmetic on any CPU: tiny models are quick even where bf16 is emulated."""
+    monkeypatch.setattr(nmt.precision, "has_bf16_matmul", lambda device: True)
 
 
 def setup(precision: str):
@@ -47,6 +54,16 @@ def test_a_mixed_precision_step_on_the_cpu_updates_float32_weights_with_a_finite
     cfg, model, optimizer, batch, _ = setup("fp32")
     reference = train_step(model, batch, optimizer, cfg, CPU)
     assert result.loss == pytest.approx(reference.loss, rel=2e-2)
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_fp32_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(nmt.precision, "has_bf16_matmul", lambda device: False)
+    monkeypatch.setattr(nmt.precision, "_WARNED", set())
+    with caplog.at_level(logging.WARNING):
+        precision = Precision("bf16", CPU)
+    assert precision.name == "fp32" and precision.dtype is None and precision.scaler is None
+    assert "trainer.precision=bf16" in caplog.text and "trainer.precision=fp32" in caplog.text
+    assert Precision("fp16", CPU).dtype == torch.float16  # only bf16 is switched
 
 
 def test_fp16_uses_a_gradient_scaler_and_bf16_does_not():
@@ -141,7 +158,10 @@ def test_nmt_train_in_mixed_precision(precision, shared_data_dir, tmp_path):
                   f"trainer.precision={precision}", "trainer.max_steps=2", "data.val_limit=5",
                   "data.batch_tokens=600")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"precision {precision}" in out.stderr
+    if precision == "bf16" and not has_bf16_matmul(CPU):  # an AVX2-only CPU: fp32, and a warning that says so
+        assert "precision fp32" in out.stderr and "trainer.precision=bf16: this CPU" in out.stderr
+    else:
+        assert f"precision {precision}" in out.stderr
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
     assert last["train_state"]["step"] == 2

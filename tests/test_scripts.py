@@ -161,3 +161,20 @@ def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_pat
     assert "| 815 | 2,172 | 2.66× |" in table and "| 815 | 3,554 | 4.36× |" in table
     assert "| 24.6 | 92.0 | 3.74× |" in table and "| 24.6 | – | – |" in table  # no bf16 decoding figure given
     assert "| 1.83 (one epoch) | 40.48 |" in table
+
+
+def test_benchmark_table_without_bf16_says_why_and_keeps_the_fp32_rows():
+    benchmark = load_script("benchmark")
+    decoding = {"sentences_per_s": 92.0, "tokens_per_s": 1352.0, "sentences": 1000, "mean_output_pieces": 14.7,
+                "bleu": 40.48}
+    result = {"peak_fp32_gflops": 150.0, "peak_bf16_gflops": None, "flops_per_tgt_token": 51.6e6, "output_size": 256,
+              "train_fp32": {"tgt_tokens_per_s": 1500.0, "mfu": 0.516, "steps": 24, "tgt_tokens_per_step": 3091.0},
+              "bf16_skipped": "this CPU has no fast bf16 matrix kernels", "decode_beam1": decoding,
+              "decode_beam5": decoding, "decode_model": "runs/x (best)", "peak_rss_mb": 1200.0, "quick": True,
+              "machine": {"gpu": None, "processor": "AMD EPYC", "threads": 2, "torch": "2.13.0"}}
+    table = benchmark.table(result).splitlines()
+    assert "| matmul peak fp32 / bf16 | 150 / – GFLOP/s |" in table
+    assert "| bf16 | not measured: this CPU has no fast bf16 matrix kernels |" in table
+    assert any(row.startswith("| training fp32 | 1,500 target tok/s, MFU 51.6%") for row in table)
+    assert not any("bf16 decoding" in row or "training bf16" in row for row in table)
+    assert sum("decoding, test2016" in row for row in table) == 2
