@@ -57,7 +57,7 @@ def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_le
            alpha: float = 0.0, keep_attention: bool = True) -> list[Hypothesis]:
     """src_ids (B, S), src_lens (B,) -> the most likely next token at each step, one hypothesis per sentence."""
     device = src_ids.device
-    encoded, hidden = model.encode(src_ids, src_lens)
+    encoded, hidden = model.encode(src_ids, src_lens, for_search=True)
     limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
     active = torch.arange(src_ids.size(0), device=device)  # (N,) sentences still decoding
     prev = torch.full_like(active, BOS_ID)  # (N,)
@@ -97,20 +97,21 @@ class _Beams:
     attn: torch.Tensor  # (N, K, t, S), or (N, K, 0, S) when attention is not kept
     prev: torch.Tensor  # (N * K,) last tokens
     hidden: torch.Tensor  # (L, N * K, H)
-    encoded: EncoderOutput  # rows N * K
+    encoded: EncoderOutput  # the N sentences, each feeding its K rows
 
     def keep(self, sentences: torch.Tensor) -> "_Beams":
         """Drop the sentences not listed: sentences (M,) indices into N."""
         k = self.scores.size(1)
         rows = (sentences.unsqueeze(1) * k + torch.arange(k, device=sentences.device)).flatten()  # (M * K,)
         return _Beams(self.active[sentences], self.scores[sentences], self.seq[sentences], self.attn[sentences],
-                      self.prev[rows], self.hidden[:, rows], self.encoded.select(rows))
+                      self.prev[rows], self.hidden[:, rows], self.encoded.select(sentences))
 
 
 def _expand(src_ids, src_lens, model, beam_size) -> _Beams:
-    """Encode once, then repeat each sentence's encoding for its K beams; only beam 0 starts alive."""
+    """Encode once; each sentence's encoding serves its K beams, whose states start as copies; only beam 0
+    starts alive."""
     batch, device = src_ids.size(0), src_ids.device
-    encoded, hidden = model.encode(src_ids, src_lens)
+    encoded, hidden = model.encode(src_ids, src_lens, for_search=True)
     rows = torch.arange(batch, device=device).repeat_interleave(beam_size)  # (B * K,)
     scores = torch.full((batch, beam_size), float("-inf"), device=device)
     scores[:, 0] = 0.0  # the K copies are identical, so the first step expands beam 0 alone
@@ -119,7 +120,7 @@ def _expand(src_ids, src_lens, model, beam_size) -> _Beams:
         seq=torch.empty(batch, beam_size, 0, dtype=torch.long, device=device),
         attn=torch.empty(batch, beam_size, 0, src_ids.size(1), device=device),
         prev=torch.full((batch * beam_size,), BOS_ID, dtype=torch.long, device=device),
-        hidden=hidden[:, rows], encoded=encoded.select(rows))
+        hidden=hidden[:, rows], encoded=encoded.with_beam(beam_size))
 
 
 def _gather_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

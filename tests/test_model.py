@@ -246,6 +246,34 @@ def test_seq2seq_step_unrolled_equals_forward_log_probs(overrides):
         assert torch.allclose(log_probs, torch.log_softmax(logits[:, t], -1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(decoder_layers=2, encoder_layers=2), dict(output_size=E + 5)])
+def test_search_step_on_a_beam_of_rows_per_sentence_equals_the_plain_step_on_repeated_sentences(overrides):
+    """The search's step (projected states, K rows reading one copy of their sentence) computes the same
+    log-probabilities, states and attention as the plain step on each sentence repeated K times."""
+    model, K = tiny_model(**overrides).eval(), 3
+    src = make_src()
+    encoded, hidden = model.encode(src, SRC_LENS, for_search=True)
+    assert encoded.projected.shape == (B, S, 3 * H + model.output.in_features) and encoded.beam == 1
+    plain, _ = model.encode(src.repeat_interleave(K, 0), SRC_LENS.repeat_interleave(K))
+    searched = encoded.with_beam(K)
+    generator = torch.Generator().manual_seed(7)
+    fast = slow = hidden.repeat_interleave(K, 1) + 0.1 * torch.randn(hidden.size(0), B * K, H, generator=generator)
+    with torch.no_grad():
+        for t in range(T):
+            prev = torch.randint(4, V, (B * K,), generator=generator)  # each row its own token and state
+            fast_lp, fast, fast_w = model.step(prev, fast, searched)
+            slow_lp, slow, slow_w = model.step(prev, slow, plain)
+            assert fast_lp.shape == (B * K, V) and fast_w.shape == (B * K, S)
+            assert torch.allclose(fast_lp, slow_lp, atol=1e-5, rtol=1e-5)
+            assert torch.allclose(fast, slow, atol=1e-6, rtol=1e-5)
+            assert torch.allclose(fast_w, slow_w, atol=1e-6, rtol=1e-5)
+            assert not fast_w[2 * K:, 1:].any()  # the third sentence's padding gets no weight in all its rows
+    kept = searched.select(torch.tensor([2, 0]))
+    assert kept.beam == K and torch.equal(kept.projected, encoded.projected[[2, 0]])
+    with pytest.raises(ValueError, match="for_search"):
+        model.step(prev, slow, plain.with_beam(K))
+
+
 def test_dropout_acts_only_in_training_mode():
     model = tiny_model()
     src, tgt_in = make_src(), make_tgt_in()

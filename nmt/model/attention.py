@@ -27,9 +27,15 @@ class BahdanauAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.v(torch.tanh(self.query_proj(query).unsqueeze(1) + keys)).squeeze(-1)  # (B, S)
-        # -inf before the softmax gives padded positions exactly zero weight.
-        scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)  # (B, S)
+        weights = self.weights(query, keys, mask)  # (B, S)
         context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # (B, 2H)
         return context, weights
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query (B, H), keys (B, S, A), mask (B, S) -> weights (B, S); or K queries per sentence, as in
+        beam search: query (B, K, H) -> weights (B, K, S), reading each sentence's keys once."""
+        if query.dim() == 3:
+            keys, mask = keys.unsqueeze(1), mask.unsqueeze(1)  # (B, 1, S, A), (B, 1, S)
+        scores = self.v(torch.tanh(self.query_proj(query).unsqueeze(-2) + keys)).squeeze(-1)  # (B, [K,] S)
+        # -inf before the softmax gives padded positions exactly zero weight.
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

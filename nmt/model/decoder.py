@@ -32,6 +32,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
+        self.encoder_size = encoder_size
         self.num_layers = num_layers
         self.bridge = nn.Linear(encoder_size, num_layers * hidden_size)
         self.attention = BahdanauAttention(hidden_size, encoder_size, attention_size)
@@ -107,3 +108,37 @@ class Decoder(nn.Module):
         """One token: embedded (B, E), hidden (L, B, H) -> pre-output (B, E), hidden (L, B, H), weights (B, S)."""
         top, context, weights, hidden = self._advance(self._embedding_gates(embedded), hidden, states, keys, src_mask)
         return self._output(top, context, embedded), hidden, weights
+
+    def project_states(self, states: torch.Tensor) -> torch.Tensor:
+        """states (B, S, 2H) -> (B, S, 3H + O): each source state through the two weights that read the context,
+        layer 0's input gates and the deep output's context part. Once per sentence, for `search_step`."""
+        H = self.hidden_size
+        weight = torch.cat([self.cell.weight_ih[:, self.embedding_dim:], self.pre_output.weight[:, H:H + self.encoder_size]])
+        return F.linear(states, weight)
+
+    def search_step(self, embedded: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor,
+                    src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` for K rows per sentence (a beam): embedded (B * K, E), hidden (L, B * K, H), and per sentence
+        keys (B, S, A), projected states (B, S, 3H + O), src_mask (B, S) -> pre-output (B * K, O), hidden,
+        weights (B * K, S).
+
+        The same function as `step`, computed in another order: the context is a weighted sum of source
+        states, so its product with a weight equals the weighted sum of the states' products, which
+        `project_states` made once per sentence. A step then costs a (K, S) x (S, 3H + O) product per
+        sentence instead of (K, 2H) x (2H, 3H + O): about a third of the search's arithmetic at beam 5
+        and sentences of Multi30k's length. The context itself is never formed.
+        """
+        batch, rows = keys.size(0), embedded.size(0)
+        weights = self.attention.weights(hidden[-1].view(batch, rows // batch, -1), keys, src_mask)  # (B, K, S)
+        mixed = torch.bmm(weights, projected).view(rows, -1)  # (B * K, 3H + O)
+        context_gates, context_output = mixed.split([3 * self.hidden_size, mixed.size(-1) - 3 * self.hidden_size], -1)
+        hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B * K, 3H)
+        layer_out = gru_update(self._embedding_gates(embedded) + context_gates, hidden_gates, hidden[0])
+        new_hidden = [layer_out]
+        for layer, cell in enumerate(self.upper_cells, start=1):
+            layer_out = cell(self.rnn_dropout(layer_out), hidden[layer])  # (B * K, H)
+            new_hidden.append(layer_out)
+        H, W = self.hidden_size, self.pre_output.weight
+        pre_output = (F.linear(layer_out, W[:, :H], self.pre_output.bias) + context_output
+                      + F.linear(embedded, W[:, H + self.encoder_size:]))
+        return self.dropout(torch.tanh(pre_output)), torch.stack(new_hidden), weights.view(rows, -1)

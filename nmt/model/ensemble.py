@@ -23,8 +23,11 @@ class EnsembleEncoderOutput:
 
     parts: list[EncoderOutput]
 
-    def select(self, rows: torch.Tensor) -> "EnsembleEncoderOutput":
-        return EnsembleEncoderOutput([part.select(rows) for part in self.parts])
+    def select(self, sentences: torch.Tensor) -> "EnsembleEncoderOutput":
+        return EnsembleEncoderOutput([part.select(sentences) for part in self.parts])
+
+    def with_beam(self, beam: int) -> "EnsembleEncoderOutput":
+        return EnsembleEncoderOutput([part.with_beam(beam) for part in self.parts])
 
 
 class Ensemble(nn.Module):
@@ -36,9 +39,10 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(models)
         self.layers = [m.decoder.num_layers for m in models]
 
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> tuple[EnsembleEncoderOutput, torch.Tensor]:
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor,
+               for_search: bool = False) -> tuple[EnsembleEncoderOutput, torch.Tensor]:
         """src_ids (B, S), src_lens (B,) -> the members' encoder outputs, their hidden states (sum L, B, H)."""
-        encoded = [member.encode(src_ids, src_lens) for member in self.members]
+        encoded = [member.encode(src_ids, src_lens, for_search) for member in self.members]
         return EnsembleEncoderOutput([e for e, _ in encoded]), torch.cat([h for _, h in encoded])
 
     def step(self, prev_ids: torch.Tensor, hidden: torch.Tensor,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -16,16 +16,26 @@ from nmt.model.encoder import Encoder
 
 @dataclass
 class EncoderOutput:
-    """What every decoder step needs about the source: states (B, S, 2H), keys (B, S, A), mask (B, S)."""
+    """What every decoder step needs about the source: states (B, S, 2H), keys (B, S, A), mask (B, S).
+
+    For search, `projected` (B, S, 3H + O) holds the states as the decoder's context weights see them
+    (`Decoder.project_states`), and each sentence may feed several decoder rows, its beam: the rows
+    of sentence b are b * beam ... b * beam + beam - 1, and the sentence's tensors are not repeated.
+    """
 
     states: torch.Tensor
     keys: torch.Tensor
     mask: torch.Tensor
+    projected: torch.Tensor | None = None
+    beam: int = 1
 
-    def select(self, rows: torch.Tensor) -> "EncoderOutput":
-        """Pick (and repeat) batch rows, e.g. to expand each sentence into its beam."""
-        return EncoderOutput(self.states.index_select(0, rows), self.keys.index_select(0, rows),
-                             self.mask.index_select(0, rows))
+    def select(self, sentences: torch.Tensor) -> "EncoderOutput":
+        """Keep the listed sentences (M,), in that order; each keeps its beam."""
+        pick = lambda t: None if t is None else t.index_select(0, sentences)  # noqa: E731
+        return EncoderOutput(pick(self.states), pick(self.keys), pick(self.mask), pick(self.projected), self.beam)
+
+    def with_beam(self, beam: int) -> "EncoderOutput":
+        return replace(self, beam=beam)
 
 
 class Seq2Seq(nn.Module):
@@ -52,11 +62,15 @@ class Seq2Seq(nn.Module):
     def _dropped(self, embedded: torch.Tensor) -> torch.Tensor:
         return self.embed_dropout(self.word_dropout(embedded))
 
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> tuple[EncoderOutput, torch.Tensor]:
-        """src_ids (B, S), src_lens (B,) -> encoder output, initial decoder hidden (L, B, H)."""
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor,
+               for_search: bool = False) -> tuple[EncoderOutput, torch.Tensor]:
+        """src_ids (B, S), src_lens (B,) -> encoder output, initial decoder hidden (L, B, H).
+
+        for_search: also the projected states that `step` uses to decode with less arithmetic."""
         states, final = self.encoder(self._dropped(self.src_embed(src_ids)), src_lens)  # (B, S, 2H), (B, 2H)
         keys = self.decoder.attention.project_keys(states)  # (B, S, A)
-        return EncoderOutput(states, keys, src_ids != PAD_ID), self.decoder.init_hidden(final)
+        projected = self.decoder.project_states(states) if for_search else None  # (B, S, 3H + O)
+        return EncoderOutput(states, keys, src_ids != PAD_ID, projected), self.decoder.init_hidden(final)
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
                 tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,9 +88,17 @@ class Seq2Seq(nn.Module):
 
     def step(self, prev_ids: torch.Tensor, hidden: torch.Tensor,
              encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One search step: prev_ids (B,) -> log-probs (B, V), hidden (L, B, H), attention (B, S)."""
-        embedded = self.embed_dropout(self.tgt_embed(prev_ids))  # (B, E)
-        pre_output, hidden, weights = self.decoder.step(embedded, hidden, encoded.states, encoded.keys, encoded.mask)
+        """One search step: prev_ids (R,) -> log-probs (R, V), hidden (L, R, H), attention (R, S), with
+        R = B * encoded.beam decoder rows."""
+        embedded = self.embed_dropout(self.tgt_embed(prev_ids))  # (R, E)
+        if encoded.projected is not None:
+            pre_output, hidden, weights = self.decoder.search_step(embedded, hidden, encoded.keys, encoded.projected,
+                                                                   encoded.mask)
+        elif encoded.beam == 1:  # the plain step, which teacher forcing unrolls
+            pre_output, hidden, weights = self.decoder.step(embedded, hidden, encoded.states, encoded.keys,
+                                                            encoded.mask)
+        else:
+            raise ValueError("a beam of decoder rows per sentence needs encode(..., for_search=True)")
         return torch.log_softmax(self.output(pre_output).float(), dim=-1), hidden, weights  # (B, V)
 
 
