@@ -129,7 +129,7 @@ class Decoder(nn.Module):
         and sentences of Multi30k's length. The context itself is never formed.
         """
         batch, rows = keys.size(0), embedded.size(0)
-        weights = self.attention.weights(hidden[-1].view(batch, rows // batch, -1), keys, src_mask)  # (B, K, S)
+        weights = self.attention.beam_weights(hidden[-1].view(batch, rows // batch, -1), keys, src_mask)  # (B, K, S)
         mixed = torch.bmm(weights, projected).view(rows, -1)  # (B * K, 3H + O)
         context_gates, context_output = mixed.split([3 * self.hidden_size, mixed.size(-1) - 3 * self.hidden_size], -1)
         hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B * K, 3H)
