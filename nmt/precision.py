@@ -28,7 +28,8 @@ def has_bf16_matmul(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run on fast kernels here.
 
     On a CPU, oneDNN has bf16 kernels only with AVX-512 (native with AVX512-BF16 or AMX); on an
-    AVX2-only CPU (AMD Zen 3, for one) bf16 falls back to slow reference code (README, "Mixed precision"). A CUDA GPU needs compute capability 8.0 or an emulation torch accepts.
+    AVX2-only CPU (AMD Zen 3, for one) bf16 falls back to slow reference code (README, "Mixed
+    precision"). On a GPU, torch.cuda.is_bf16_supported() decides.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -38,6 +39,9 @@ def has_bf16_matmul(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to say, so trust the user's choice
         return True
+
+
+_WARNED: set[str] = set()  # the keys cpu_bf16_fallback has warned about
 
 
 def cpu_bf16_fallback(key: str, device: torch.device) -> bool:
@@ -53,14 +57,11 @@ def cpu_bf16_fallback(key: str, device: torch.device) -> bool:
     return True
 
 
-_WARNED: set[str] = set()
-
-
 class Precision:
     """What `trainer.precision` means on one device: an autocast context and, for fp16, a GradScaler."""
 
-    def __init__(self, name: str, device: torch.device, key: str = "trainer.precision"):
-        if name == "bf16" and cpu_bf16_fallback(key, device):
+    def __init__(self, name: str, device: torch.device):
+        if name == "bf16" and cpu_bf16_fallback("trainer.precision", device):
             name = "fp32"
         self.name = name
         self.dtype = DTYPES[name]

@@ -2,8 +2,9 @@
 
 At step i the attention reads the previous state s_{i-1}, giving the context c_i; the GRU reads
 [embedding(y_{i-1}); c_i] and moves to s_i; the output layer reads [s_i; c_i; embedding(y_{i-1})].
-`forward` (teacher forcing) and `step` (search) go through the same `_advance`, so unrolling `step`
-reproduces `forward` exactly.
+`forward` (teacher forcing) and `step` go through the same `_advance`, so unrolling `step` reproduces
+`forward`; the one-layer `forward` runs the fused recurrence, which tests hold to it. The search uses
+`search_step`, the same function in an order that costs less when several beams share a source.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class Decoder(nn.Module):
         """states (B, S, 2H) -> (B, S, 3H + O): each source state through the two weights that read the context,
         layer 0's input gates and the deep output's context part. Once per sentence, for `search_step`."""
         H = self.hidden_size
-        weight = torch.cat([self.cell.weight_ih[:, self.embedding_dim:], self.pre_output.weight[:, H:H + self.encoder_size]])
-        return F.linear(states, weight)
+        context_weights = (self.cell.weight_ih[:, self.embedding_dim:], self.pre_output.weight[:, H:H + self.encoder_size])
+        return F.linear(states, torch.cat(context_weights))
 
     def search_step(self, embedded: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor,
                     src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

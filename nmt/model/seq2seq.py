@@ -99,7 +99,7 @@ class Seq2Seq(nn.Module):
                                                             encoded.mask)
         else:
             raise ValueError("a beam of decoder rows per sentence needs encode(..., for_search=True)")
-        return torch.log_softmax(self.output(pre_output).float(), dim=-1), hidden, weights  # (B, V)
+        return torch.log_softmax(self.output(pre_output).float(), dim=-1), hidden, weights  # (R, V)
 
 
 def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
