@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import script_path
 from nmt.config import EvalOptions, EvaluateConfig
 from nmt.errors import NMTError
 from nmt.evaluate import evaluate, score
+from nmt.precision import has_bf16_matmul
 
 
 def test_score_matches_sacrebleu_api_on_known_text():
@@ -36,6 +38,16 @@ def test_evaluate_writes_files_and_agrees_with_sacrebleu_cli(debug_run, tmp_path
     bleu_cli, chrf_cli = json.loads(cli.stdout)  # with -b and two metrics: a JSON list of the two scores
     assert bleu_cli == pytest.approx(round(report["bleu"], 1), abs=1e-9)
     assert chrf_cli == pytest.approx(round(report["chrf"], 1), abs=1e-9)
+
+
+def test_evaluate_records_the_precision_it_decoded_in(debug_run):
+    out = subprocess.run([script_path("nmt-evaluate"), f"run={debug_run}", "eval.split=val", "eval.beam_size=1",
+                          "eval.precision=bf16"], capture_output=True, text=True, check=True)
+    report = json.loads((debug_run / "eval" / "val.json").read_text())
+    if has_bf16_matmul(torch.device("cpu")):
+        assert report["decoding"]["precision"] == "bf16" and "no bfloat16" not in out.stderr
+    else:  # an AVX2-only CPU: decoded in fp32, and said so
+        assert report["decoding"]["precision"] == "fp32" and "eval.precision=bf16: this CPU" in out.stderr
 
 
 def test_evaluate_own_files_with_wrong_reference_count(debug_run, tmp_path):
