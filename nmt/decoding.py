@@ -14,7 +14,7 @@ from nmt.config import DecodeConfig
 from nmt.data.batching import EncodedCorpus, collate, decode_batches
 from nmt.data.vocab import Vocab
 from nmt.model.seq2seq import Seq2Seq
-from nmt.precision import cpu_bf16_fallback
+from nmt.precision import decode_precision
 from nmt.search import Hypothesis, decode
 
 
@@ -47,9 +47,9 @@ def translate_sentences(model: Seq2Seq, vocab: Vocab, sources: list[str], cfg: D
     was_training = model.training
     model.eval()
     # fp32 leaves any autocast of the caller (validation under trainer.precision) as it is
-    use_bf16 = cfg.precision == "bf16" and not cpu_bf16_fallback(f"{cfg.PREFIX}precision", device)
-    bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    with bf16, tqdm(total=int(nonempty.sum()), desc="decode", unit="sent", leave=False, disable=not progress) as bar:
+    bf16 = decode_precision(cfg, device) == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast, tqdm(total=int(nonempty.sum()), desc="decode", unit="sent", leave=False, disable=not progress) as bar:
         for indices in filter(None, batches):
             batch = collate(corpus, indices, with_target=False).to(device)
             hyps = decode(model, batch.src_ids, batch.src_lens, cfg.beam_size, cfg.alpha, cfg.max_len_ratio,

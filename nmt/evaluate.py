@@ -15,7 +15,7 @@ from nmt.console import setup_logging
 from nmt.data.corpus import ParallelText, load_splits, read_lines
 from nmt.decoding import translate_sentences
 from nmt.errors import NMTError
-from nmt.precision import cpu_bf16_fallback
+from nmt.precision import decode_precision
 from nmt.run import TrainedRun, load_trained
 from nmt.runtime import pick_device
 
@@ -72,15 +72,13 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     ref_path.write_text("".join(r + "\n" for r in data.tgt), encoding="utf-8")
     tokens = sum(len(t.tgt_pieces) for t in translations)
-    # what decoding used: fp32 where bf16 was asked for on a CPU without bf16 kernels (it warned)
-    bf16 = cfg.eval.precision == "bf16" and not cpu_bf16_fallback("eval.precision", device)
     result = {
         "run": str(run.files.run_dir), "checkpoint": str(run.checkpoint), "ensemble": [str(p) for p in run.ensemble],
         "split": name, "source": data.name,
         "sentences": len(hypotheses), **score(hypotheses, data.tgt),
         "seconds": seconds, "sentences_per_s": len(hypotheses) / seconds, "tgt_tokens_per_s": tokens / seconds,
         "decoding": {"beam_size": cfg.eval.beam_size, "alpha": cfg.eval.alpha, "max_len_ratio": cfg.eval.max_len_ratio,
-                     "batch_size": cfg.eval.batch_size, "precision": "bf16" if bf16 else "fp32",
+                     "batch_size": cfg.eval.batch_size, "precision": decode_precision(cfg.eval, device),
                      "device": str(device)},
         "hypotheses": str(hyp_path), "references": str(ref_path),
     }
@@ -92,4 +90,3 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     print(f"{len(hypotheses)} sentences in {seconds:.1f} s ({result['sentences_per_s']:.1f} sent/s, "
           f"{result['tgt_tokens_per_s']:.0f} tgt tok/s); wrote {hyp_path} and {out_dir / f'{name}.json'}")
     return result
-

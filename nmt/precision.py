@@ -57,6 +57,13 @@ def cpu_bf16_fallback(key: str, device: torch.device) -> bool:
     return True
 
 
+def decode_precision(cfg, device: torch.device) -> str:
+    """What decoding with `cfg` (a DecodeConfig) runs in on `device`: its precision, except fp32 (with the
+    fallback's warning) for bf16 on a CPU without bf16 kernels."""
+    bf16 = cfg.precision == "bf16" and not cpu_bf16_fallback(f"{cfg.PREFIX}precision", device)
+    return "bf16" if bf16 else "fp32"
+
+
 class Precision:
     """What `trainer.precision` means on one device: an autocast context and, for fp16, a GradScaler."""
 
