@@ -60,12 +60,16 @@ class Decoder(nn.Module):
         context, weights = self.attention(hidden[-1], keys, states, src_mask)  # (B, 2H), (B, S)
         input_gates = embedding_gates + F.linear(context, self.cell.weight_ih[:, self.embedding_dim:])  # (B, 3H)
         hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B, 3H)
-        layer_out = gru_update(input_gates, hidden_gates, hidden[0])  # (B, H)
+        top, new_hidden = self._upper_layers(gru_update(input_gates, hidden_gates, hidden[0]), hidden)
+        return top, context, weights, new_hidden
+
+    def _upper_layers(self, layer_out: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0's new state (B, H) through the layers above it -> top state (B, H), new hidden (L, B, H)."""
         new_hidden = [layer_out]
         for layer, cell in enumerate(self.upper_cells, start=1):
             layer_out = cell(self.rnn_dropout(layer_out), hidden[layer])  # (B, H)
             new_hidden.append(layer_out)
-        return layer_out, context, weights, torch.stack(new_hidden)
+        return layer_out, torch.stack(new_hidden)
 
     def _output(self, top: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """[s_i; c_i; embedding] (..., H + 2H + E) -> pre-output (..., O), O = output_size (default E)."""
@@ -135,11 +139,8 @@ class Decoder(nn.Module):
         context_gates, context_output = mixed.split([3 * self.hidden_size, mixed.size(-1) - 3 * self.hidden_size], -1)
         hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B * K, 3H)
         layer_out = gru_update(self._embedding_gates(embedded) + context_gates, hidden_gates, hidden[0])
-        new_hidden = [layer_out]
-        for layer, cell in enumerate(self.upper_cells, start=1):
-            layer_out = cell(self.rnn_dropout(layer_out), hidden[layer])  # (B * K, H)
-            new_hidden.append(layer_out)
+        top, new_hidden = self._upper_layers(layer_out, hidden)  # (B * K, H), (L, B * K, H)
         H, W = self.hidden_size, self.pre_output.weight
-        pre_output = (F.linear(layer_out, W[:, :H], self.pre_output.bias) + context_output
+        pre_output = (F.linear(top, W[:, :H], self.pre_output.bias) + context_output
                       + F.linear(embedded, W[:, H + self.encoder_size:]))
-        return self.dropout(torch.tanh(pre_output)), torch.stack(new_hidden), weights.view(rows, -1)
+        return self.dropout(torch.tanh(pre_output)), new_hidden, weights.view(rows, -1)
