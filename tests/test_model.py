@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from nmt.config import INIT_SCHEMES, EmbeddingConfig, ModelConfig
 from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from nmt.model.attention import BahdanauAttention
+from nmt.model.birecurrence import BiGRUUnroll, reverse_within_lengths
 from nmt.model.decoder import Decoder, gru_update
 from nmt.model.embedding import Embeddings, init_embedding_
 from nmt.model.encoder import Encoder
@@ -143,6 +144,44 @@ def test_packing_makes_the_encoder_independent_of_extra_padding(layers):
     alone, alone_final = encoder(embedded[1:2, :3], SRC_LENS[1:2])
     assert torch.allclose(alone, states[1:2, :3], atol=1e-6)
     assert torch.allclose(alone_final, final[1:2], atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fused_encoder_equals_nn_gru_over_a_packed_batch(layers):
+    """The CPU path (one Function per layer) against torch's GRU: states, final state and every gradient."""
+    torch.manual_seed(4)
+    encoder = Encoder(E, H, num_layers=layers, rnn_dropout=0.0, dropout=0.0).double()
+    lens = torch.tensor([5, 3, 1, 5])
+    embedded = torch.randn(4, S + 1, E, dtype=torch.double, requires_grad=True)  # a padded column beyond every length
+    weight, final_weight = torch.randn(4, S + 1, 2 * H, dtype=torch.double), torch.randn(4, 2 * H, dtype=torch.double)
+    results = []
+    for run in (encoder._packed, encoder._fused):
+        states, final = run(embedded, lens)
+        loss = (states * weight).sum() + (final * final_weight).sum()
+        results.append((states, final, torch.autograd.grad(loss, [embedded, *encoder.parameters()])))
+    (packed, packed_final, packed_grads), (fused, fused_final, fused_grads) = results
+    assert torch.allclose(fused, packed, atol=1e-12) and torch.allclose(fused_final, packed_final, atol=1e-12)
+    assert torch.equal(fused[:, S:], torch.zeros(4, 1, 2 * H, dtype=torch.double))
+    assert len(fused_grads) == 1 + 4 * 2 * layers
+    for ours, torch_grad in zip(fused_grads, packed_grads):
+        assert torch.allclose(ours, torch_grad, atol=1e-12)
+
+
+def test_fused_encoder_gradients_pass_gradcheck():
+    """The hand-written backward of BiGRUUnroll against finite differences, on a packed batch of
+    lengths 5, 3, 1 (steps of 3, 2, 2, 1, 1 sentences)."""
+    generator = torch.Generator().manual_seed(3)
+    make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()  # noqa: E731
+    batch_sizes = [3, 2, 2, 1, 1]
+    inputs = (make(2, sum(batch_sizes), 3 * H), make(2, 3 * H, H), make(2, 3 * H))
+    unroll = lambda gates, w_hh, b_hh: BiGRUUnroll.apply(gates, batch_sizes, w_hh, b_hh)  # noqa: E731
+    assert torch.autograd.gradcheck(unroll, inputs)
+
+
+def test_reverse_within_lengths_reverses_real_positions_and_is_its_own_inverse():
+    index = reverse_within_lengths(SRC_LENS, S)
+    assert index.tolist() == [[4, 3, 2, 1, 0], [2, 1, 0, 3, 4], [0, 1, 2, 3, 4]]
+    assert torch.equal(index.gather(1, index), torch.arange(S).expand(B, S))
 
 
 # --- decoder -----------------------------------------------------------------------------------------------
