@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.model.attention import BahdanauAttention
-from nmt.model.recurrence import AttentionGRUUnroll
+from nmt.model.recurrence import AttentionGRUUnroll, apply_unrolled
 
 
 def gru_update(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -98,15 +98,7 @@ class Decoder(nn.Module):
         attention = self.attention
         weights = (torch.cat([self.cell.weight_hh, attention.query_proj.weight]), self.cell.bias_hh,
                    self.cell.weight_ih[:, self.embedding_dim:], attention.v.weight.view(-1))
-        inputs = (embedding_gates, hidden, states, keys)
-        device = embedding_gates.device.type
-        if not torch.is_autocast_enabled(device):
-            return AttentionGRUUnroll.apply(*inputs, src_mask, *weights)
-        # Under autocast every operand takes the autocast dtype; the Function's own ops then run as they are.
-        dtype = torch.get_autocast_dtype(device)
-        inputs, weights = (tuple(t.to(dtype) for t in group) for group in (inputs, weights))
-        with torch.autocast(device, enabled=False):
-            return AttentionGRUUnroll.apply(*inputs, src_mask, *weights)
+        return apply_unrolled(AttentionGRUUnroll, embedding_gates, hidden, states, keys, src_mask, *weights)
 
     def step(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
              src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.model.birecurrence import BiGRUUnroll, reverse_within_lengths
+from nmt.model.recurrence import apply_unrolled
 
 
 class Encoder(nn.Module):
@@ -54,21 +55,10 @@ class Encoder(nn.Module):
             packed = pack_padded_sequence(torch.stack([layer_input, flip(layer_input)], 2), src_lens.cpu(),
                                           batch_first=True, enforce_sorted=False)  # data (N, 2, In)
             input_gates = torch.baddbmm(b_ih.unsqueeze(1), packed.data.transpose(0, 1), w_ih.transpose(1, 2))
-            states = self._unroll(input_gates, packed.batch_sizes.tolist(), w_hh, b_hh)  # (2, N, H)
+            states = apply_unrolled(BiGRUUnroll, input_gates, packed.batch_sizes.tolist(), w_hh, b_hh)  # (2, N, H)
             padded, _ = pad_packed_sequence(packed._replace(data=states.transpose(0, 1)), batch_first=True,
                                             total_length=S)  # (B, S, 2, H)
             layer_input = torch.cat([padded[:, :, 0], flip(padded[:, :, 1])], -1)  # (B, S, 2H)
         # both directions end at step L - 1: the forward one on the last real token, the backward one on the first
         last = (lengths - 1).view(B, 1, 1, 1).expand(B, 1, *padded.shape[2:])
         return layer_input, padded.gather(1, last).view(B, -1)  # (B, S, 2H), (B, 2H)
-
-    @staticmethod
-    def _unroll(input_gates: torch.Tensor, batch_sizes: list[int], w_hh: torch.Tensor,
-                b_hh: torch.Tensor) -> torch.Tensor:
-        device = input_gates.device.type
-        if not torch.is_autocast_enabled(device):
-            return BiGRUUnroll.apply(input_gates, batch_sizes, w_hh, b_hh)
-        # Under autocast every operand takes the autocast dtype; the Function's own ops then run as they are.
-        dtype = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            return BiGRUUnroll.apply(input_gates.to(dtype), batch_sizes, w_hh.to(dtype), b_hh.to(dtype))

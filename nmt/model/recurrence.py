@@ -18,6 +18,18 @@ from __future__ import annotations
 import torch
 
 
+def apply_unrolled(function: type[torch.autograd.Function], *args):
+    """`function.apply(*args)`. Under autocast every floating-point tensor argument takes the autocast dtype
+    first, and the Function's own ops then run as they are (autocast would not see inside it anyway)."""
+    device = next(arg for arg in args if isinstance(arg, torch.Tensor)).device.type
+    if not torch.is_autocast_enabled(device):
+        return function.apply(*args)
+    dtype = torch.get_autocast_dtype(device)
+    cast = [arg.to(dtype) if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg for arg in args]
+    with torch.autocast(device, enabled=False):
+        return function.apply(*cast)
+
+
 class AttentionGRUUnroll(torch.autograd.Function):
     """emb_gates (B, T, 3H), h0 (B, H), states (B, S, 2H), keys (B, S, A), mask (B, S) bool,
     w_hq (3H + A, H) = [W_hh; W_q], b_hh (3H,), w_ctx (3H, 2H), v (A,)
