@@ -42,8 +42,8 @@ class BahdanauAttention(nn.Module):
 
         The same function through the sigmoid, which took a third of tanh's time on our AVX2 CPU (where
         tanh over (B, K, S, A) was a sixth of a search step; README, "Speed"): v . tanh(y) = 2 v . sigmoid(2y)
-        - sum(v), and the softmax does not see the constant - sum(v). Training keeps tanh, as the fused
-        recurrence computes it (nmt/model/recurrence.py).
+        - sum(v), and the softmax does not see the constant - sum(v). The one-layer training recurrence
+        (nmt/model/recurrence.py) computes its scores the same way.
         """
         doubled = torch.add(2 * self.query_proj(query).unsqueeze(2), keys.unsqueeze(1), alpha=2)  # (B, K, S, A)
         scores = 2 * self.v(torch.sigmoid_(doubled)).squeeze(-1)  # (B, K, S); in place: no second (B, K, S, A)
