@@ -41,7 +41,7 @@ class Encoder(nn.Module):
 
     def _fused(self, embedded: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = embedded.shape
-        lengths = src_lens.to(embedded.device)
+        lengths = src_lens.cpu()  # this path runs on a CPU; pack_padded_sequence wants the lengths there too
         reverse = reverse_within_lengths(lengths, S)  # (B, S)
         flip = lambda x: x.gather(1, reverse.unsqueeze(-1).expand_as(x))  # noqa: E731  (B, S, D), its own inverse
         layer_input = embedded
@@ -52,7 +52,7 @@ class Encoder(nn.Module):
                        for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
             w_ih, b_ih, w_hh, b_hh = (torch.stack(pair) for pair in weights)  # (2, 3H, In), (2, 3H), ...
             # One packing for both directions: the second reads each sentence reversed within its length
-            packed = pack_padded_sequence(torch.stack([layer_input, flip(layer_input)], 2), src_lens.cpu(),
+            packed = pack_padded_sequence(torch.stack([layer_input, flip(layer_input)], 2), lengths,
                                           batch_first=True, enforce_sorted=False)  # data (N, 2, In)
             input_gates = torch.baddbmm(b_ih.unsqueeze(1), packed.data.transpose(0, 1), w_ih.transpose(1, 2))
             states = apply_unrolled(BiGRUUnroll, input_gates, packed.batch_sizes.tolist(), w_hh, b_hh)  # (2, N, H)
