@@ -44,7 +44,7 @@ from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
 from nmt.run import RunFiles, check_resumable, write_config
-from nmt.runtime import pick_device, seed_everything
+from nmt.runtime import keep_freed_memory, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -644,6 +644,8 @@ def resume_command(run_dir: Path) -> str:
 def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
     """Train as configured; returns the run directory. Under torchrun, every rank calls this."""
     check_vectors_exist(cfg.model.embeddings.src_vectors, cfg.model.embeddings.tgt_vectors)  # before minutes of data work
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()  # process-wide, before the first large allocation
     with distributed.session(cfg.trainer.device, cfg.trainer.dist_timeout_seconds) as dist:
         # a function of its own, so that its Trainer, whose DDP wrapper holds the process group, is gone before
         # the session destroys the group, and not left to interpreter exit, where gloo's threads can abort it

@@ -19,6 +19,7 @@ attention (512), dropout 0.2, batches of 4,096 target tokens. The script measure
     the benchmark's barely trained one, whose output lengths are not those of a real model (greedy
     runs to the length limit, beam search may stop at once), so only --run gives figures to report;
   - peak RSS of the process.
+Like nmt-train, it first has glibc's malloc keep freed memory (trainer.keep_freed_memory).
 It writes JSON (--out) and prints a markdown table. --quick finishes within about 3 minutes.
 """
 
@@ -45,6 +46,7 @@ from nmt.errors import NMTError
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.precision import Precision, has_bf16_matmul
 from nmt.run import load_trained
+from nmt.runtime import keep_freed_memory
 from nmt.train import build_optimizer, train_step
 
 
@@ -177,6 +179,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept = keep_freed_memory()  # as nmt-train does by default (trainer.keep_freed_memory)
     try:  # as nmt-train does: download into the data directory on first use, else a clear error
         train, test = (multi30k_paths(Path(args.data_dir), stem, "de", "en") for stem in ("train", "test_2016_flickr"))
     except NMTError as error:
@@ -187,7 +190,8 @@ def main() -> int:
     result: dict = {"machine": {"platform": platform.platform(), "processor": cpu_name(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
                                 "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
-                    "quick": args.quick, "output_size": args.output_size or ModelConfig().embedding_dim}
+                    "quick": args.quick, "keep_freed_memory": kept,
+                    "output_size": args.output_size or ModelConfig().embedding_dim}
 
     print("matmul peak ...", file=sys.stderr, flush=True)
     result["peak_fp32_gflops"] = matmul_peak_gflops(device, torch.float32)
