@@ -17,7 +17,7 @@ from nmt.decoding import translate_sentences
 from nmt.errors import NMTError
 from nmt.precision import decode_precision
 from nmt.run import TrainedRun, load_trained
-from nmt.runtime import pick_device
+from nmt.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def evaluation_data(cfg: EvaluateConfig, run: TrainedRun) -> tuple[str, Parallel
 def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     """Decode, write DIR/eval/<name>.hyp (and .ref), print BLEU and chrF, save DIR/eval/<name>.json."""
     setup_logging()
+    keep_freed_memory()  # as nmt-train does (trainer.keep_freed_memory): the search reuses mapped pages
     device = pick_device(cfg.device, "device")
     run = load_trained(cfg.run, cfg.eval.checkpoint, device, cfg.eval.ensemble)
     name, data = evaluation_data(cfg, run)

@@ -22,7 +22,7 @@ from nmt.decoding import Translation, translate_sentences
 from nmt.errors import NMTError
 from nmt.plots import plot_attention
 from nmt.run import TrainedRun, load_trained
-from nmt.runtime import pick_device
+from nmt.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger(__name__)
 CHUNK_LINES = 256  # lines read before translating, so a pipe streams
@@ -159,6 +159,7 @@ def _command(session: Session, command: str) -> bool:
 
 def translate(cfg: TranslateConfig, cfg_dict: dict | None = None) -> None:
     setup_logging()
+    keep_freed_memory()  # as nmt-train does (trainer.keep_freed_memory): the search reuses mapped pages
     device = pick_device(cfg.device, "device")
     options = cfg.translate
     session = Session(load_trained(cfg.run, options.checkpoint, device, options.ensemble), options, device)
