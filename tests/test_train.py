@@ -152,6 +152,14 @@ def test_resume_with_more_epochs_equals_an_uninterrupted_run(uninterrupted, shar
     assert val_records(run_dir) == val_records(uninterrupted)
 
 
+def test_memory_returned_as_usual_trains_the_same_run(uninterrupted, shared_data_dir, tmp_path):
+    """trainer.keep_freed_memory (on in the uninterrupted run) changes where blocks live, not a number."""
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.max_epochs=2", "trainer.keep_freed_memory=false")
+    assert_same_weights(weights(run_dir, "last"), weights(uninterrupted, "last"))
+    assert val_records(run_dir) == val_records(uninterrupted)
+
+
 def _read_until(stream, marker: str, timeout: float) -> str:
     seen, deadline = "", time.monotonic() + timeout
     while marker not in seen:
