@@ -327,8 +327,8 @@ class TrainerConfig:
     average_last: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the decoder's step; falls back to eager with a warning
-    # glibc's malloc keeps freed memory for reuse instead of unmapping blocks above 32 MB, which then
-    # page-fault afresh at every step (nmt.runtime.keep_freed_memory); false returns memory as usual
+    # glibc's malloc keeps freed memory for reuse instead of unmapping large blocks, whose pages then
+    # fault afresh at every step (nmt.runtime.keep_freed_memory); false returns memory as usual
     keep_freed_memory: bool = True
     dist_timeout: str = "2h"  # under torchrun: how long a rank waits for the others (rank 0 prepares the data alone)
 
