@@ -326,7 +326,7 @@ class TrainerConfig:
     # better; 0 = no averaging
     average_last: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
-    compile: bool = False  # torch.compile the decoder's step; falls back to eager with a warning
+    compile: bool = False  # torch.compile the step of a decoder of 2+ layers; else, or on failure, eager with a warning
     # glibc's malloc keeps freed memory for reuse instead of unmapping large blocks, whose pages then
     # fault afresh at every step (nmt.runtime.keep_freed_memory); false returns memory as usual
     keep_freed_memory: bool = True

@@ -108,18 +108,21 @@ FP32 = Precision("fp32", torch.device("cpu"))
 
 
 def compile_decoder_step(model: nn.Module, compiler: Callable = torch.compile) -> bool:
-    """torch.compile the decoder's per-token step (attention + GRU gates), which runs T times per batch.
+    """torch.compile the decoder's per-token step (attention + GRU gates), which a multi-layer decoder runs
+    T times per batch.
 
     The step is where the time goes on short batches: many small kernels that compilation fuses.
     Compiling the whole forward would unroll its Python loop over target positions and recompile
-    for every new target length. Returns False, with a warning, when compilation is unavailable;
-    a failure at the first call falls back to eager there (see `_with_fallback`).
+    for every new target length. Returns False, with a warning, when compilation is unavailable or
+    the decoder has one layer; a failure at the first call falls back to eager there (see `_with_fallback`).
     """
     decoder = model.decoder
-    step = getattr(decoder, "_advance", None)
-    if step is None:
-        log.warning("trainer.compile=true: this decoder has no _advance step to compile; running eagerly")
+    if decoder.num_layers == 1:  # Decoder.forward runs the fused recurrence, the search runs search_step
+        log.warning("trainer.compile=true: a one-layer decoder trains through its fused recurrence "
+                    "(nmt/model/recurrence.py) and decodes through its search step, neither of which runs the "
+                    "compiled step; nothing was compiled, running eagerly (model.decoder_layers=2 or more uses it)")
         return False
+    step = decoder._advance
     try:
         compiled = compiler(step, dynamic=True)
     except Exception as error:  # noqa: BLE001 - any failure means: run eagerly

@@ -300,8 +300,7 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
         setup_embeddings(self.model, cfg, self.data)
         self.model.to(self.device)
-        if cfg.trainer.compile:
-            compile_decoder_step(self.model)
+        compiled = cfg.trainer.compile and compile_decoder_step(self.model)
         self.train_model = wrap_model(self.model, self.dist)  # what the steps call: DDP under torchrun
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -317,7 +316,7 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
         log.info("model: %s parameters, device %s%s, precision %s%s", f"{params:,}", self.device, ranks,
-                 self.precision.name, ", decoder step compiled" if cfg.trainer.compile else "")
+                 self.precision.name, ", decoder step compiled" if compiled else "")
 
     def save(self, name: str) -> None:
         """Every rank calls this (each hands in its random state); rank 0 writes the file."""
