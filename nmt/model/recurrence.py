@@ -87,9 +87,12 @@ class AttentionGRUUnroll(torch.autograd.Function):
         input_grads = new(T, B, 3 * H)  # d loss / d input gates, per step: also the emb_gates gradient
         hq_grads = new(T, B, w_hq.size(0))  # d loss / d [W_hh s + b_hh; W_q s], per step
         context_grads = new(T, B, contexts.size(2))
-        grad_keys = torch.zeros_like(keys)
+        # d e_j / d y_j = v * (1 - tanh(y_j)^2) = 4 v * s_j (1 - s_j), with s = sigmoid(2y): the factor 4 v is the
+        # same for every step and position, so the steps sum g_j s_j (1 - s_j) and it multiplies once at the end
+        key_sum = torch.zeros_like(keys)  # sum over steps of grad_scores * s (1 - s): (B, S, A)
+        slope = torch.empty_like(keys)  # s (1 - s) of the step: (B, S, A)
         grad_v = torch.zeros_like(v)
-        four_v = 4 * v  # d tanh(y) / dy = 1 - tanh(y)^2 = 4 s (1 - s)
+        four_v = 4 * v
         states_t = states.transpose(1, 2)  # (B, 2H, S)
         grad_h = torch.zeros_like(hs[0])
         for t in range(T - 1, -1, -1):
@@ -110,15 +113,17 @@ class AttentionGRUUnroll(torch.autograd.Function):
             grad_attention = torch.bmm(grad_context.unsqueeze(1), states_t).squeeze(1)  # (B, S)
             grad_scores = attention * (grad_attention - (attention * grad_attention).sum(-1, keepdim=True))
             activation = activations[t]  # (B, S, A): sigmoid(2y), with tanh(y) = 2 sigmoid(2y) - 1
-            grad_v += 2 * torch.bmm(grad_scores.unsqueeze(1), activation).sum((0, 1)) - grad_scores.sum()
-            grad_pre = (grad_scores.unsqueeze(-1) * four_v) * (activation * (1 - activation))  # (B, S, A)
-            grad_keys += grad_pre
-            torch.sum(grad_pre, dim=1, out=hq[:, 3 * H:])
+            row_scores = grad_scores.unsqueeze(1)  # (B, 1, S)
+            grad_v += 2 * torch.bmm(row_scores, activation).sum((0, 1)) - grad_scores.sum()
+            torch.addcmul(activation, activation, activation, value=-1, out=slope)  # s (1 - s), in one pass
+            key_sum.addcmul_(row_scores.transpose(1, 2), slope)  # (B, S, A)
+            torch.mul(torch.bmm(row_scores, slope).squeeze(1), four_v, out=hq[:, 3 * H:])  # the query's gradient
             grad_h = torch.addmm(grad_h * update, hq, w_hq)  # (B, H): direct path + through W_hh and W_q
         rows = T * B
         grad_w_hq = torch.mm(hq_grads.view(rows, -1).t(), hs[:-1].reshape(rows, H))
         grad_b_hh = hq_grads[..., :3 * H].sum((0, 1))
         grad_w_ctx = torch.mm(input_grads.view(rows, -1).t(), contexts.view(rows, -1))
         grad_states = torch.bmm(weights.permute(1, 2, 0), context_grads.transpose(0, 1))  # (B, S, 2H)
+        grad_keys = key_sum.mul_(four_v)
         return (input_grads.transpose(0, 1), grad_h, grad_states, grad_keys, None, grad_w_hq, grad_b_hh,
                 grad_w_ctx, grad_v)
