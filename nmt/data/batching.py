@@ -29,7 +29,7 @@ class EncodedCorpus:
 
     @classmethod
     def from_lists(cls, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> "EncodedCorpus":
-        return cls(*_flatten(src_ids), *_flatten(tgt_ids))
+        return cls(*flatten_rows(src_ids), *flatten_rows(tgt_ids))
 
     def __len__(self) -> int:
         return len(self.src_offsets) - 1
@@ -58,7 +58,9 @@ class EncodedCorpus:
         return self.tgt_flat[self.tgt_offsets[index]:self.tgt_offsets[index + 1]]
 
 
-def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def flatten_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of token ids -> flat (total,) int32 and offsets (len(rows) + 1,) int64; row i is
+    flat[offsets[i]:offsets[i + 1]]."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])

@@ -19,7 +19,6 @@ epoch it resumed in.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from nmt.config import DataConfig
-from nmt.data.batching import EncodedCorpus
+from nmt.data.batching import EncodedCorpus, flatten_rows
 from nmt.data.corpus import FilterReport, length_filter
 from nmt.data.vocab import SIDES, UNK_ID, Vocab
 from nmt.errors import NMTError
@@ -75,9 +74,9 @@ class SegmentationSampler:
             for side in SIDES:
                 rows = [ids if i in keep else getattr(self.corpus, side)(start + i).tolist()
                         for i, ids in enumerate(sampled[side])]
-                lens[side].append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
-                flat[side].append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32,
-                                              count=int(lens[side][-1].sum())))
+                chunk_flat, chunk_offsets = flatten_rows(rows)
+                flat[side].append(chunk_flat)
+                lens[side].append(np.diff(chunk_offsets))
         arrays = {}  # the training split is never empty (nmt.data.pipeline refuses one)
         for side in SIDES:
             arrays[f"{side}_flat"] = np.concatenate(flat[side])
