@@ -16,6 +16,7 @@ from nmt.data.vocab import BOS_ID, EOS_ID
 from nmt.model.seq2seq import EncoderOutput, Seq2Seq
 
 EXTRA_LEN = 5  # room for very short sources
+TOPK_BLOCK = 64  # candidates per block in `top_candidates`
 
 
 @dataclass
@@ -123,6 +124,30 @@ def _expand(src_ids, src_lens, model, beam_size) -> _Beams:
         hidden=hidden[:, rows], encoded=encoded.with_beam(beam_size))
 
 
+def top_candidates(candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """candidates (N, L) -> the k largest of each row, largest first, and their indices (N, k): torch.topk's
+    values, and its indices up to the order of equal values.
+
+    On a CPU torch.topk sorts (value, index) pairs, which over beam search's K x V candidates took 2.3 ms
+    for 64 sentences at K = 5, V = 8,000, where a plain maximum over the same rows took 0.2 ms. So each
+    row is cut into blocks of TOPK_BLOCK, the k blocks with the largest maxima are kept, and topk runs
+    over their candidates alone (0.56 ms). No candidate is lost: one in another block has k block maxima,
+    each a different candidate, at least as large as itself.
+    """
+    rows, length = candidates.shape
+    blocks = length // TOPK_BLOCK
+    if candidates.device.type != "cpu" or blocks < 4 * k:  # GPUs have a fast topk; short rows gain nothing
+        return candidates.topk(k, dim=-1)
+    whole = blocks * TOPK_BLOCK
+    maxima = candidates[:, :whole].view(rows, blocks, TOPK_BLOCK).amax(-1)  # (N, blocks)
+    kept = maxima.topk(k, dim=-1).indices  # (N, k)
+    index = (kept.unsqueeze(-1) * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=candidates.device)).view(rows, -1)
+    if whole < length:  # the last, shorter block takes part whole
+        index = torch.cat([index, torch.arange(whole, length, device=candidates.device).expand(rows, -1)], dim=1)
+    values, picked = candidates.gather(1, index).topk(k, dim=-1)
+    return values, index.gather(1, picked)
+
+
 def _gather_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """tensor (N, K, ...) and rows (N, C) indexing into K -> (N, C, ...)."""
     index = rows.view(*rows.shape, *([1] * (tensor.dim() - 2))).expand(*rows.shape, *tensor.shape[2:])
@@ -177,7 +202,7 @@ def _beam_step(model: Seq2Seq, beams: _Beams, limits: torch.Tensor, t: int, K: i
     log_probs = _force_eos(log_probs, at_limit)
     V = log_probs.size(-1)
     candidates = (beams.scores.unsqueeze(-1) + log_probs.view(N, K, V)).view(N, K * V)
-    top_scores, top_ids = candidates.topk(min(2 * K, K * V), dim=-1)  # (N, 2K)
+    top_scores, top_ids = top_candidates(candidates, min(2 * K, K * V))  # (N, 2K)
     origin, token = top_ids // V, top_ids % V  # (N, 2K) beam of origin, new token
     seq = torch.cat([_gather_rows(beams.seq, origin), token.unsqueeze(-1)], dim=2)  # (N, 2K, t + 1)
     attn = beams.attn

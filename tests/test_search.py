@@ -12,7 +12,8 @@ from nmt.data.batching import EncodedCorpus, collate
 from nmt.data.vocab import EOS_ID, PAD_ID
 from nmt.model.ensemble import Ensemble
 from nmt.model.seq2seq import build_model
-from nmt.search import beam_search, decode, greedy, length_penalty, max_lengths
+import nmt.search
+from nmt.search import beam_search, decode, greedy, length_penalty, max_lengths, top_candidates
 
 V = 16
 
@@ -261,3 +262,31 @@ def test_ensemble_beam_scores_are_the_log_of_the_mean_probabilities(trained_mode
 def test_ensemble_members_must_share_vocabulary_and_decoder_size(trained_model, random_model):
     with pytest.raises(ValueError, match="one target vocabulary and decoder size"):
         Ensemble([trained_model, random_model])
+
+
+@pytest.mark.parametrize("length", [40_000, 40_003, 600])  # blocks of 64; a shorter last block; too short to block
+def test_top_candidates_are_torch_topk(length):
+    generator = torch.Generator().manual_seed(length)
+    candidates = torch.randn(6, length, generator=generator) * 5
+    candidates[1, : length // 2] = float("-inf")  # dead beams: whole blocks of -inf
+    candidates[2, 3:] = float("-inf")  # fewer finite candidates than k
+    candidates[3, -1] = 100.0  # the best candidate in the last (possibly shorter) block
+    values, indices = top_candidates(candidates, 10)
+    expected = candidates.topk(10, dim=-1)
+    assert torch.equal(values, expected.values)
+    finite = torch.isfinite(values)  # the order of equal values (here the -inf ones) is free
+    assert torch.equal(indices[finite], expected.indices[finite])
+    assert torch.equal(candidates.gather(1, indices), values)
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_beam_search_through_blocked_top_candidates_equals_plain_topk(which, trained_model, random_model, sources,
+                                                                      monkeypatch):
+    model = trained_model if which == "trained" else random_model
+    src_ids, src_lens = sources
+    monkeypatch.setattr(nmt.search, "TOPK_BLOCK", 10**9)  # no blocks: torch.topk over all K x V candidates
+    plain = beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4)
+    monkeypatch.setattr(nmt.search, "TOPK_BLOCK", 2)  # K x V = 64 candidates in 32 blocks: the blocked path
+    blocked = beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4)
+    assert [[(h.tokens, h.score) for h in nbest] for nbest in blocked] == \
+           [[(h.tokens, h.score) for h in nbest] for nbest in plain]
