@@ -90,7 +90,7 @@ def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_le
 
 @dataclass
 class _Beams:
-    """The alive beams of the N sentences still decoding, K per sentence."""
+    """The alive beams of the N sentences still decoding, K per sentence (one, before the first step)."""
 
     active: torch.Tensor  # (N,) sentence index in the batch
     scores: torch.Tensor  # (N, K) log-probabilities
@@ -108,20 +108,16 @@ class _Beams:
                       self.prev[rows], self.hidden[:, rows], self.encoded.select(sentences))
 
 
-def _expand(src_ids, src_lens, model, beam_size) -> _Beams:
-    """Encode once; each sentence's encoding serves its K beams, whose states start as copies; only beam 0
-    starts alive."""
+def _start(src_ids, src_lens, model) -> _Beams:
+    """Encode once; each sentence's encoding serves all its beams. Each sentence starts with one beam: K
+    copies of it would be K identical rows, and the first step would pay for all of them."""
     batch, device = src_ids.size(0), src_ids.device
     encoded, hidden = model.encode(src_ids, src_lens, for_search=True)
-    rows = torch.arange(batch, device=device).repeat_interleave(beam_size)  # (B * K,)
-    scores = torch.full((batch, beam_size), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # the K copies are identical, so the first step expands beam 0 alone
     return _Beams(
-        active=torch.arange(batch, device=device), scores=scores,
-        seq=torch.empty(batch, beam_size, 0, dtype=torch.long, device=device),
-        attn=torch.empty(batch, beam_size, 0, src_ids.size(1), device=device),
-        prev=torch.full((batch * beam_size,), BOS_ID, dtype=torch.long, device=device),
-        hidden=hidden[:, rows], encoded=encoded.with_beam(beam_size))
+        active=torch.arange(batch, device=device), scores=torch.zeros(batch, 1, device=device),
+        seq=torch.empty(batch, 1, 0, dtype=torch.long, device=device),
+        attn=torch.empty(batch, 1, 0, src_ids.size(1), device=device),
+        prev=torch.full((batch,), BOS_ID, dtype=torch.long, device=device), hidden=hidden, encoded=encoded)
 
 
 def top_candidates(candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +164,7 @@ def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, b
     bound, so log-probability / penalty(bound) bounds the score of everything it can still become.
     """
     K = beam_size
-    beams = _expand(src_ids, src_lens, model, K)
+    beams = _start(src_ids, src_lens, model)
     device = src_ids.device
     limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
     largest_penalty = length_penalty(limits.float(), alpha)  # (B,) the penalty at the length bound
@@ -195,31 +191,34 @@ def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, b
 
 
 def _beam_step(model: Seq2Seq, beams: _Beams, limits: torch.Tensor, t: int, K: int, keep_attention: bool):
-    """Advance all beams one token; returns the new beams and the hypotheses that ended in eos."""
-    N = beams.active.numel()
-    log_probs, hidden, weights = model.step(beams.prev, beams.hidden, beams.encoded)  # (N*K, V), ..., (N*K, S)
-    at_limit = (limits[beams.active] == t + 1).repeat_interleave(K)  # (N * K,)
+    """Advance all beams one token (R per sentence: 1 at the first step, K after); returns the new K beams
+    per sentence and the hypotheses that ended in eos."""
+    N, R = beams.scores.shape
+    log_probs, hidden, weights = model.step(beams.prev, beams.hidden, beams.encoded)  # (N*R, V), ..., (N*R, S)
+    at_limit = (limits[beams.active] == t + 1).repeat_interleave(R)  # (N * R,)
     log_probs = _force_eos(log_probs, at_limit)
     V = log_probs.size(-1)
-    candidates = (beams.scores.unsqueeze(-1) + log_probs.view(N, K, V)).view(N, K * V)
-    top_scores, top_ids = top_candidates(candidates, min(2 * K, K * V))  # (N, 2K)
+    candidates = (beams.scores.unsqueeze(-1) + log_probs.view(N, R, V)).view(N, R * V)
+    top_scores, top_ids = top_candidates(candidates, min(2 * K, R * V))  # (N, 2K)
     origin, token = top_ids // V, top_ids % V  # (N, 2K) beam of origin, new token
     seq = torch.cat([_gather_rows(beams.seq, origin), token.unsqueeze(-1)], dim=2)  # (N, 2K, t + 1)
     attn = beams.attn
     if keep_attention:
-        step_weights = _gather_rows(weights.view(N, K, 1, -1).float(), origin)  # (N, 2K, 1, S)
+        step_weights = _gather_rows(weights.view(N, R, 1, -1).float(), origin)  # (N, 2K, 1, S)
         attn = torch.cat([_gather_rows(beams.attn, origin), step_weights], dim=2)  # (N, 2K, t + 1, S)
     is_eos = (token == EOS_ID) & torch.isfinite(top_scores)  # (N, 2K)
     ended_mask = is_eos.clone()
     ended_mask[:, K:] = False  # only an eos that ranks within the top K finishes a hypothesis
     ended = [(n, j, seq[n, j], float(top_scores[n, j]), attn[n, j] if keep_attention else None)
              for n, j in ended_mask.nonzero().tolist()]
-    scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(K, dim=-1)  # (N, K) from the 2K
+    # (N, K) from the 2K; fewer only when the first step's V candidates are fewer than K
+    scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(min(K, top_scores.size(1)), dim=-1)
     rows = (_gather_rows(origin.unsqueeze(-1), pick).squeeze(-1)
-            + torch.arange(N, device=origin.device).unsqueeze(1) * K).flatten()  # (N * K,) parent rows
+            + torch.arange(N, device=origin.device).unsqueeze(1) * R).flatten()  # (N * K,) parent rows
     new = _Beams(beams.active, scores, _gather_rows(seq, pick),
                  _gather_rows(attn, pick) if keep_attention else beams.attn,
-                 _gather_rows(token.unsqueeze(-1), pick).flatten(), hidden[:, rows], beams.encoded)
+                 _gather_rows(token.unsqueeze(-1), pick).flatten(), hidden[:, rows],
+                 beams.encoded.with_beam(pick.size(1)))
     return new, ended
 
 

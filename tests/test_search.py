@@ -290,3 +290,18 @@ def test_beam_search_through_blocked_top_candidates_equals_plain_topk(which, tra
     blocked = beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4)
     assert [[(h.tokens, h.score) for h in nbest] for nbest in blocked] == \
            [[(h.tokens, h.score) for h in nbest] for nbest in plain]
+
+
+def test_the_first_beam_step_runs_one_decoder_row_per_sentence(trained_model, sources, monkeypatch):
+    src_ids, src_lens = sources
+    rows, step = [], trained_model.step
+
+    def counting_step(prev_ids, hidden, encoded):
+        rows.append((prev_ids.numel(), hidden.size(1), encoded.keys.size(0)))
+        return step(prev_ids, hidden, encoded)
+
+    monkeypatch.setattr(trained_model, "step", counting_step)
+    beam_search(trained_model, src_ids, src_lens, beam_size=4, alpha=1.0)
+    B = src_ids.size(0)
+    assert rows[0] == (B, B, B)  # one row per sentence: its K copies would be identical
+    assert len(rows) > 1 and all((p, h) == (4 * n, 4 * n) for p, h, n in rows[1:])  # then K per sentence
