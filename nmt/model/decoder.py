@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.model.attention import BahdanauAttention
+from nmt.model.dropout import Dropout
 from nmt.model.recurrence import AttentionGRUUnroll, apply_unrolled
 
 
@@ -41,9 +42,9 @@ class Decoder(nn.Module):
         # applied to all target positions at once, outside the step loop.
         self.cell = nn.GRUCell(embedding_dim + encoder_size, hidden_size)
         self.upper_cells = nn.ModuleList(nn.GRUCell(hidden_size, hidden_size) for _ in range(num_layers - 1))
-        self.rnn_dropout = nn.Dropout(rnn_dropout)
+        self.rnn_dropout = Dropout(rnn_dropout)
         self.pre_output = nn.Linear(hidden_size + encoder_size + embedding_dim, output_size or embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def init_hidden(self, encoder_final: torch.Tensor) -> torch.Tensor:
         """encoder_final (B, 2H) -> hidden (L, B, H)."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.model.birecurrence import BiGRUUnroll, reverse_within_lengths
+from nmt.model.dropout import Dropout, uniform_dropout
 from nmt.model.recurrence import apply_unrolled
 
 
@@ -24,7 +24,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.rnn = nn.GRU(embedding_dim, hidden_size, num_layers=num_layers, batch_first=True,
                           bidirectional=True, dropout=rnn_dropout if num_layers > 1 else 0.0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, embedded: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         run = self._fused if embedded.device.type == "cpu" else self._packed
@@ -47,7 +47,7 @@ class Encoder(nn.Module):
         layer_input = embedded
         for layer in range(self.rnn.num_layers):
             if layer > 0:
-                layer_input = F.dropout(layer_input, self.rnn.dropout, self.training)
+                layer_input = uniform_dropout(layer_input, self.rnn.dropout, self.training)
             weights = [(getattr(self.rnn, f"{name}_l{layer}"), getattr(self.rnn, f"{name}_l{layer}_reverse"))
                        for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
             w_ih, b_ih, w_hh, b_hh = (torch.stack(pair) for pair in weights)  # (2, 3H, In), (2, 3H), ...

@@ -10,6 +10,7 @@ from torch import nn
 from nmt.config import ModelConfig
 from nmt.data.vocab import PAD_ID
 from nmt.model.decoder import Decoder
+from nmt.model.dropout import Dropout
 from nmt.model.embedding import Embeddings
 from nmt.model.encoder import Encoder
 
@@ -44,7 +45,7 @@ class Seq2Seq(nn.Module):
         E, H = cfg.embedding_dim, cfg.hidden_size
         self.src_embed = Embeddings(src_vocab_size, E, PAD_ID, cfg.embeddings)
         self.tgt_embed = Embeddings(tgt_vocab_size, E, PAD_ID, cfg.embeddings)
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = Dropout(cfg.dropout)
         # word dropout: Dropout1d zeroes whole channels of (N, C, L); given (B, L, E), a channel is a token,
         # so a dropped token's vector goes whole and the kept ones are scaled by 1/(1-p)
         self.word_dropout = nn.Dropout1d(cfg.word_dropout)
