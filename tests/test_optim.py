@@ -36,7 +36,6 @@ def test_sparse_adam_matches_torch_sparse_adam_plus_adam():
     dense_model = tiny_model()
     sparse_model = tiny_model(sparse=True)
     sparse_model.load_state_dict(dense_model.state_dict())
-    tables = [sparse_model.src_embed.weight, sparse_model.tgt_embed.weight]
     reference = copy.deepcopy(sparse_model)
     ref_tables = [reference.src_embed.weight, reference.tgt_embed.weight]
     ref_dense = [p for p in reference.parameters() if all(p is not t for t in ref_tables)]
