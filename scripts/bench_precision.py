@@ -2,13 +2,14 @@
 
 Speed: the base model (model=gru_base: E 256, H 512; `--decoder-layers` sets its decoder's depth) with
 8,000-piece vocabularies trains on random full-length batches (every sentence `--length` pieces,
-`--batch-tokens` tokens a batch) through nmt.train.train_step, exactly as the trainer runs it. All variants live in one child process and
-take turns, one step each per round, so that load from other processes slows them alike; after
-`--warmup` steps each (which include compilation), `--steps` rounds are timed and the median step
-gives target tokens per second (the fastest step is reported too). Variants: fp32, bf16 and fp16
-(autocast; fp16 with a gradient scaler; very slow on a CPU, so only by name), and, by name, fp32 / bf16
-with trainer.compile (the decoder step compiled). Compiling needs `--decoder-layers 2` or more: a
-one-layer decoder trains through its fused recurrence, which never calls the compiled step.
+`--batch-tokens` tokens a batch) through nmt.train.train_step, exactly as the trainer runs it. All
+variants live in one child process and take turns, one step each per round, so that load from other
+processes slows them alike; after `--warmup` steps each (which include compilation), `--steps` rounds
+are timed and the median step gives target tokens per second (the fastest step is reported too).
+Variants: fp32, bf16 and fp16 (autocast; fp16 with a gradient scaler; very slow on a CPU, so only by
+name), and, by name, fp32 / bf16 with trainer.compile (the decoder step compiled). Compiling needs
+`--decoder-layers 2` or more: a one-layer decoder trains through its fused recurrence, which never calls
+the compiled step.
 
 Quality: `nmt-train experiment=debug` (6,000 Multi30k pairs, 3 epochs) once per variant of
 `--bleu-variants`, with the same decoder depth; the best dev BLEU (greedy, 200 dev sentences) and
