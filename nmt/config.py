@@ -325,6 +325,10 @@ class TrainerConfig:
     # into checkpoints/averaged.pt; it is validated like the others and becomes best.pt if it scores
     # better; 0 = no averaging
     average_last: int = 0
+    # ... of those, only the validations made once this share (0..1) of the training budget was used
+    # (trainer.max_time, max_steps or max_epochs, whichever ends training), so that a slower machine,
+    # with fewer epochs in its budget, does not average the early ones; 0 = all N
+    average_from: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the step of a decoder of 2+ layers; else, or on failure, eager with a warning
     # glibc's malloc keeps freed memory for reuse instead of unmapping large blocks, whose pages then
@@ -354,6 +358,7 @@ class TrainerConfig:
                 f"trainer.average_last={self.average_last} averages the weights of the last {self.average_last} "
                 f"validations, but trainer.keep_checkpoints={self.keep_checkpoints} keeps only "
                 f"{self.keep_checkpoints}: set trainer.keep_checkpoints={self.average_last} (or more).")
+        check_probability("trainer.average_from", self.average_from)
         check_choice("trainer.precision", self.precision, PRECISIONS)
         parse_duration("trainer.dist_timeout", self.dist_timeout)
 

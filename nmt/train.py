@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from nmt import distributed
-from nmt.checkpoint import average_weights, load_latest, save_checkpoint
+from nmt.checkpoint import average_weights, load_checkpoint, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
 from nmt.data.batching import Batch, EncodedCorpus, collate, epoch_batches, padding_share
@@ -353,7 +353,8 @@ class Trainer:
     def keep_validation_weights(self, keep: int) -> None:
         """checkpoints/val-STEP.pt (the model alone) for this validation; only the newest `keep` stay."""
         path = self.files.checkpoint(f"val-{self.state.step:08d}")
-        save_checkpoint({"model": self.model.state_dict(), "step": self.state.step, "config": self.cfg_dict}, path)
+        save_checkpoint({"model": self.model.state_dict(), "step": self.state.step, "config": self.cfg_dict,
+                         "budget_used": self.budget_used(self.cfg.trainer.max_seconds)}, path)
         kept = self.files.validation_checkpoints()
         for old in kept[:-keep]:
             old.unlink()
@@ -425,7 +426,7 @@ class Trainer:
                 f"{self.files.checkpoint('last')} is saved. Resume with: {resume_command(self.files.run_dir)}"
             )
         if cfg.average_last:
-            self.average_last_validations(cfg.average_last)
+            self.average_last_validations(cfg.average_last, cfg.average_from)
         best = "none" if self.state.best_metric is None else f"{self.state.best_metric:.4g}"
         log.info("training stopped: %s; best dev %s %s; run directory %s", self.state.stop_reason,
                  cfg.early_stopping_metric, best, self.files.run_dir)
@@ -553,10 +554,13 @@ class Trainer:
         sign = 1.0 if cfg.early_stopping_metric == "bleu" else -1.0
         return best is None or sign * (value - best) > cfg.min_delta
 
-    def average_last_validations(self, count: int) -> None:
-        """checkpoints/averaged.pt: the mean weights of the last `count` validations, validated like the
-        others; it becomes best.pt if it scores better. Rank 0 averages and validates, the others wait."""
+    def average_last_validations(self, count: int, budget_from: float = 0.0) -> None:
+        """checkpoints/averaged.pt: the mean weights of the last `count` validations (of those made once
+        `budget_from` of the training budget was used), validated like the others; it becomes best.pt if
+        it scores better. Rank 0 averages and validates, the others wait."""
         kept = self.files.validation_checkpoints()[-count:]
+        if budget_from:  # a checkpoint kept before the budget was recorded counts as late enough
+            kept = [path for path in kept if load_checkpoint(path).get("budget_used", 1.0) >= budget_from]
         metrics = self.dist.broadcast(self.validate_average(kept) if self.dist.is_main else None)
         if metrics is None:
             return
@@ -576,7 +580,9 @@ class Trainer:
     def validate_average(self, kept: list[Path]) -> dict | None:
         """Rank 0: average `kept` into checkpoints/averaged.pt, load it into the model, validate it."""
         if not kept:
-            log.warning("trainer.average_last: no validation weights were kept, so there is nothing to average")
+            log.warning("trainer.average_last: no validation weights were kept%s, so there is nothing to average",
+                        f" after trainer.average_from={self.cfg.trainer.average_from:g} of the budget"
+                        if self.cfg.trainer.average_from else "")
             return None
         averaged = average_weights(kept)
         save_checkpoint(averaged, self.files.checkpoint("averaged"))

@@ -88,6 +88,8 @@ def test_unknown_experiment_lists_the_choices(capsys):
     ("data.subword_alpha=1.5", "data.subword_alpha"),
     ("data.subword_nbest=1", "data.subword_nbest"),
     ("data.subword_nbest=-1", None),  # sample among all segmentations
+    ("trainer.average_from=1.0", "trainer.average_from"),  # would leave nothing to average
+    ("trainer.average_from=-0.1", "trainer.average_from"),
 ])
 def test_overrides_are_checked_before_any_work(override, key, capsys):
     calls = []

@@ -466,6 +466,20 @@ def test_average_last_averages_at_the_end_and_the_average_competes_for_best(shar
     assert_same_weights(weights(run_dir, "last"), b)  # last.pt keeps the trained weights, for resuming
 
 
+def test_average_from_leaves_out_the_validations_made_early_in_the_budget(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "trainer.keep_checkpoints=4", "trainer.average_last=4", "trainer.validate_every=2",
+          "trainer.max_steps=8", "trainer.average_from=0.6")
+    kept = sorted((run_dir / "checkpoints").glob("val-*.pt"))
+    budget = {load_checkpoint(path)["step"]: load_checkpoint(path)["budget_used"] for path in kept}
+    assert budget == {2: 0.25, 4: 0.5, 6: 0.75, 8: 1.0}  # trainer.max_steps is the budget here
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (average,) = [r for r in records if r["kind"] == "averaged"]
+    assert (average["first_step"], average["last_step"]) == (6, 8)
+    a, b, mean = (weights(run_dir, name) for name in ("val-00000006", "val-00000008", "averaged"))
+    assert torch.allclose(mean["output.weight"], (a["output.weight"] + b["output.weight"]) / 2, atol=1e-7)
+
+
 def test_average_last_needs_the_weights_kept(shared_data_dir, tmp_path):
     out = run_cli("nmt-train", *FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={tmp_path / 'run'}",
                   "trainer.average_last=3", "trainer.keep_checkpoints=2")
