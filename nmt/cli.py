@@ -118,6 +118,25 @@ def _groups(name: str) -> str:
     return " ".join(groups)
 
 
+# torch's cache of oneDNN matrix-product objects (ideep's) and oneDNN's own cache of compiled kernels
+KERNEL_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+
+def limit_kernel_caches(capacity: int = 8) -> None:
+    """Keep what oneDNN builds for only the last `capacity` shapes of matrix product (the default: 1,024).
+
+    On a CPU, torch runs bf16 matrix products through oneDNN, and for every new combination of shapes
+    it builds and caches a kernel, in two caches, each entry with its own memory. Length-bucketed
+    batches and a beam that shrinks as sentences finish bring new shapes all the time, so the caches
+    only grow: the 60-minute recipe in bf16 reached a peak RSS of 7.7 GB. With both at 8, a run of
+    the recipe stayed near 1.5 GB, at the same speed (README, "Memory in bf16 on a CPU"); fp32
+    training, through MKL, stays flat either way. Both are read when the first such kernel is built,
+    so this runs before the task; a value the user has set is left alone.
+    """
+    for name in KERNEL_CACHES:
+        os.environ.setdefault(name, str(capacity))
+
+
 def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -132,6 +151,7 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     if show:
         print(OmegaConf.to_yaml(cfg_dict))
         return
+    limit_kernel_caches()  # before any bf16 work: oneDNN's caches would grow with every new shape
     try:
         task(cfg, cfg_dict)
     except NMTError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import run_cli
@@ -213,3 +215,15 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(ConfigError, match="trainer.max_time"):
         parse_duration("trainer.max_time", text)
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "8"), ("256", "256")])
+@pytest.mark.parametrize("variable", ["LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
+def test_commands_cap_onednn_kernel_caches_unless_the_user_set_them(monkeypatch, variable, user_value, expected):
+    # bf16 products on a CPU go through oneDNN, whose caches of one kernel per shape grow without this
+    monkeypatch.setenv(variable, user_value or "")  # restored after the test
+    if user_value is None:
+        monkeypatch.delenv(variable)
+    seen = []
+    main("train", lambda cfg, cfg_dict: seen.append(os.environ.get(variable)), ["experiment=debug"])
+    assert seen == [expected]
