@@ -426,7 +426,7 @@ class Trainer:
                 f"{self.files.checkpoint('last')} is saved. Resume with: {resume_command(self.files.run_dir)}"
             )
         if cfg.average_last:
-            self.average_last_validations(cfg.average_last, cfg.average_from)
+            self.average_last_validations(cfg.average_last)
         best = "none" if self.state.best_metric is None else f"{self.state.best_metric:.4g}"
         log.info("training stopped: %s; best dev %s %s; run directory %s", self.state.stop_reason,
                  cfg.early_stopping_metric, best, self.files.run_dir)
@@ -554,13 +554,11 @@ class Trainer:
         sign = 1.0 if cfg.early_stopping_metric == "bleu" else -1.0
         return best is None or sign * (value - best) > cfg.min_delta
 
-    def average_last_validations(self, count: int, budget_from: float = 0.0) -> None:
+    def average_last_validations(self, count: int) -> None:
         """checkpoints/averaged.pt: the mean weights of the last `count` validations (of those made once
-        `budget_from` of the training budget was used), validated like the others; it becomes best.pt if
-        it scores better. Rank 0 averages and validates, the others wait."""
+        trainer.average_from of the training budget was used), validated like the others; it becomes
+        best.pt if it scores better. Rank 0 averages and validates, the others wait."""
         kept = self.files.validation_checkpoints()[-count:]
-        if budget_from:  # a checkpoint kept before the budget was recorded counts as late enough
-            kept = [path for path in kept if load_checkpoint(path).get("budget_used", 1.0) >= budget_from]
         metrics = self.dist.broadcast(self.validate_average(kept) if self.dist.is_main else None)
         if metrics is None:
             return
@@ -578,11 +576,14 @@ class Trainer:
             self.save("best")  # on rank 0 the model now holds the average
 
     def validate_average(self, kept: list[Path]) -> dict | None:
-        """Rank 0: average `kept` into checkpoints/averaged.pt, load it into the model, validate it."""
+        """Rank 0: average `kept` (those made after trainer.average_from) into checkpoints/averaged.pt, load
+        it into the model, validate it."""
+        since = self.cfg.trainer.average_from
+        if since:  # a checkpoint kept before the budget was recorded counts as late enough
+            kept = [path for path in kept if load_checkpoint(path).get("budget_used", 1.0) >= since]
         if not kept:
             log.warning("trainer.average_last: no validation weights were kept%s, so there is nothing to average",
-                        f" after trainer.average_from={self.cfg.trainer.average_from:g} of the budget"
-                        if self.cfg.trainer.average_from else "")
+                        f" after trainer.average_from={since:g} of the budget" if since else "")
             return None
         averaged = average_weights(kept)
         save_checkpoint(averaged, self.files.checkpoint("averaged"))
