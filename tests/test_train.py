@@ -470,8 +470,8 @@ def test_average_from_leaves_out_the_validations_made_early_in_the_budget(shared
     run_dir = tmp_path / "run"
     train(shared_data_dir, run_dir, "trainer.keep_checkpoints=4", "trainer.average_last=4", "trainer.validate_every=2",
           "trainer.max_steps=8", "trainer.average_from=0.6")
-    kept = sorted((run_dir / "checkpoints").glob("val-*.pt"))
-    budget = {load_checkpoint(path)["step"]: load_checkpoint(path)["budget_used"] for path in kept}
+    kept = [load_checkpoint(path) for path in sorted((run_dir / "checkpoints").glob("val-*.pt"))]
+    budget = {state["step"]: state["budget_used"] for state in kept}
     assert budget == {2: 0.25, 4: 0.5, 6: 0.75, 8: 1.0}  # trainer.max_steps is the budget here
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (average,) = [r for r in records if r["kind"] == "averaged"]
