@@ -276,6 +276,10 @@ class OptimConfig:
     # linear, cosine: linear warmup (0 = none), then a fall from lr to min_lr over the training budget,
     # whichever of trainer.max_steps, trainer.max_time and trainer.max_epochs ends training first
     warmup_steps: int = 1000
+    # linear, cosine: from this share of the budget on, every epoch is one cycle: the rate starts the epoch at
+    # the fall's value and falls linearly to `cycle_floor` times it by the epoch's end (null = no cycles)
+    cycle_from: Optional[float] = None
+    cycle_floor: float = 0.1
 
     def __post_init__(self) -> None:
         check_positive("optim.lr", self.lr)
@@ -294,6 +298,13 @@ class OptimConfig:
         check_non_negative("optim.warmup_steps", self.warmup_steps)
         if self.scheduler == "inverse_sqrt":
             check_positive("optim.warmup_steps", self.warmup_steps)
+        if self.cycle_from is not None:
+            check_probability("optim.cycle_from", self.cycle_from)
+            if self.scheduler not in ("linear", "cosine"):
+                raise ConfigError(f"optim.cycle_from cycles the fall of optim.scheduler=linear or cosine, not "
+                                  f"optim.scheduler={self.scheduler}: set one of those, or optim.cycle_from=null.")
+        if not 0 < self.cycle_floor <= 1:
+            raise ConfigError(f"optim.cycle_floor must lie in (0, 1], got {self.cycle_floor}.")
         if self.scheduler in ("linear", "cosine") and self.min_lr >= self.lr:
             raise ConfigError(f"optim.scheduler={self.scheduler} lowers the learning rate from optim.lr to "
                               f"optim.min_lr, but optim.min_lr={self.min_lr:g} is not below optim.lr={self.lr:g}: "

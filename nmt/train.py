@@ -108,7 +108,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
     if optim.scheduler in ("linear", "cosine"):
-        return BudgetSchedule(optimizer, optim.scheduler, optim.lr, optim.min_lr, optim.warmup_steps)
+        return BudgetSchedule(optimizer, optim.scheduler, optim.lr, optim.min_lr, optim.warmup_steps,
+                              optim.cycle_from, optim.cycle_floor)
     return None
 
 
@@ -121,21 +122,32 @@ class BudgetSchedule:
     schedule that suits a fixed time budget (Li, Yumer and Ramanan 2020, "Budgeted training", found a
     linear fall to zero the best of those they tried). The state is the optimizer's learning rate and the
     trainer's progress, both in the checkpoint, so there is nothing of its own to save.
+
+    With `cycle_from`, once that share of the budget is used every epoch is one cycle: it starts at the
+    fall's rate and ends at `cycle_floor` times it, so each end-of-epoch checkpoint is taken at a low rate
+    and the next epoch climbs away from it again (the cyclical schedule of stochastic weight averaging,
+    Izmailov et al. 2018, for trainer.average_last).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, shape: str, lr: float, min_lr: float, warmup_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, shape: str, lr: float, min_lr: float, warmup_steps: int,
+                 cycle_from: float | None = None, cycle_floor: float = 1.0):
         self.optimizer, self.shape, self.lr, self.min_lr, self.warmup_steps = optimizer, shape, lr, min_lr, warmup_steps
+        self.cycle_from, self.cycle_floor = cycle_from, cycle_floor
         self.update(0, 0.0)
 
-    def rate(self, step: int, progress: float) -> float:
-        """The learning rate for update `step + 1`, with `progress` (0..1) of the budget used."""
+    def rate(self, step: int, progress: float, in_epoch: float = 0.0) -> float:
+        """The learning rate for update `step + 1`, with `progress` (0..1) of the budget used and that update
+        `in_epoch` of the way through its epoch (0 for the first batch, 1 for the last)."""
         progress = min(1.0, max(0.0, progress))
         fall = 1.0 - progress if self.shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return warmup * (self.min_lr + (self.lr - self.min_lr) * fall)
+        cycle = 1.0
+        if self.cycle_from is not None and progress >= self.cycle_from:
+            cycle = 1.0 - (1.0 - self.cycle_floor) * min(1.0, max(0.0, in_epoch))
+        return warmup * cycle * (self.min_lr + (self.lr - self.min_lr) * fall)
 
-    def update(self, step: int, progress: float) -> None:
-        rate = self.rate(step, progress)
+    def update(self, step: int, progress: float, in_epoch: float = 0.0) -> None:
+        rate = self.rate(step, progress, in_epoch)
         for group in self.optimizer.param_groups:  # groups added by unfreezing included
             group["lr"] = rate
 
@@ -519,7 +531,9 @@ class Trainer:
     def schedule_next_update(self, max_seconds: float | None) -> None:
         """Set the learning rate of the next update. optim.scheduler=plateau moves at validation instead."""
         if isinstance(self.scheduler, BudgetSchedule):
-            self.scheduler.update(self.state.step, self.budget_used(max_seconds))
+            # the next update's batch, as a share of the epoch: 0 for its first batch, 1 for its last
+            in_epoch = self.state.batch_in_epoch / max(1, self.epoch_size - 1)
+            self.scheduler.update(self.state.step, self.budget_used(max_seconds), in_epoch)
         elif isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # inverse_sqrt
             self.scheduler.step()
 

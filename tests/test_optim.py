@@ -169,9 +169,27 @@ def test_budget_schedules_fall_from_lr_to_min_lr_after_warmup():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-4)
 
 
+def test_cycles_fall_within_each_epoch_once_their_share_of_the_budget_is_used():
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=1.0)
+    cyclic = BudgetSchedule(optimizer, "linear", lr=1e-3, min_lr=1e-4, warmup_steps=0, cycle_from=0.5, cycle_floor=0.1)
+    # before 0.5 of the budget the position in the epoch changes nothing
+    assert [cyclic.rate(0, 0.25, f) for f in (0.0, 0.5, 1.0)] == pytest.approx([7.75e-4] * 3)
+    # after it, each epoch falls from the linear fall's rate to a tenth of it at its last batch
+    assert [cyclic.rate(0, 0.5, f) for f in (0.0, 0.5, 1.0)] == pytest.approx([5.5e-4, 5.5e-4 * 0.55, 5.5e-5])
+    assert cyclic.rate(0, 1.0, 1.0) == pytest.approx(1e-5)
+    cyclic.update(7, 0.75, 1.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3.25e-5)
+
+
 def test_budget_schedule_settings_are_checked():
     with pytest.raises(ConfigError, match="optim.min_lr"):
         OptimConfig(scheduler="linear", lr=1e-4, min_lr=1e-3)
     with pytest.raises(ConfigError, match="optim.warmup_steps"):
         OptimConfig(scheduler="inverse_sqrt", warmup_steps=0)
     assert OptimConfig(scheduler="cosine", warmup_steps=0).warmup_steps == 0
+    with pytest.raises(ConfigError, match="optim.cycle_from cycles the fall of optim.scheduler=linear or cosine"):
+        OptimConfig(scheduler="plateau", cycle_from=0.5)
+    with pytest.raises(ConfigError, match="optim.cycle_from"):
+        OptimConfig(scheduler="linear", min_lr=0.0, cycle_from=1.0)
+    with pytest.raises(ConfigError, match=r"optim.cycle_floor must lie in \(0, 1\]"):
+        OptimConfig(cycle_floor=0.0)

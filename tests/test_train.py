@@ -528,6 +528,21 @@ def test_linear_schedule_falls_with_the_steps_and_resumes_after_a_crash_as_if_un
     assert val_records(run_dir) == val_records(reference)
 
 
+def test_cycles_fall_to_a_tenth_of_the_rate_by_the_end_of_every_epoch_after_cycle_from(shared_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shared_data_dir, run_dir, "optim.scheduler=linear", "optim.warmup_steps=0", "optim.lr=0.003",
+          "optim.min_lr=0.0003", "optim.cycle_from=0.3333333", "trainer.max_epochs=3", "trainer.log_every=1")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]  # one per update, with the rate that update used
+    size = sum(r["epoch"] == 1 for r in steps)
+    assert size >= 3 and [r["epoch"] for r in steps] == [1] * size + [2] * size + [3] * size
+    for k, record in enumerate(steps):
+        epoch, j = divmod(k, size)
+        fall = 0.0003 + 0.0027 * (1 - (epoch + j / size) / 3)  # the linear fall over three epochs
+        cycle = 1.0 if epoch == 0 else 1 - 0.9 * j / (size - 1)  # from epoch 2, each epoch is one cycle
+        assert record["lr"] == pytest.approx(fall * cycle), (epoch, j)
+
+
 def test_inverse_sqrt_warms_up_then_falls_with_each_update(shared_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     train(shared_data_dir, run_dir, "optim.scheduler=inverse_sqrt", "optim.warmup_steps=4", "optim.lr=0.003",
