@@ -100,7 +100,11 @@ def average_weights(paths: list[Path]) -> dict[str, Any]:
     """A model-only checkpoint whose floating-point weights are the mean of those of `paths` (summed in
     float64); other tensors, `step` and `config` come from the last of them, and `averaged_from` and
     `averaged_steps` name the checkpoints averaged and the steps they were written at."""
-    states = [load_checkpoint(path) for path in paths]
+    return average_states([load_checkpoint(path) for path in paths], [path.name for path in paths])
+
+
+def average_states(states: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """`average_weights` of checkpoints already loaded (`names`: their file names)."""
     newest = states[-1]
     averaged = {}
     for key, tensor in newest["model"].items():
@@ -110,4 +114,4 @@ def average_weights(paths: list[Path]) -> dict[str, Any]:
         total = sum(state["model"][key].double() for state in states)
         averaged[key] = (total / len(states)).to(tensor.dtype)
     return {"model": averaged, "step": newest.get("step"), "config": newest.get("config"),
-            "averaged_from": [path.name for path in paths], "averaged_steps": [state.get("step") for state in states]}
+            "averaged_from": names, "averaged_steps": [state.get("step") for state in states]}

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from nmt import distributed
-from nmt.checkpoint import average_weights, load_checkpoint, load_latest, save_checkpoint
+from nmt.checkpoint import average_states, load_checkpoint, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import setup_logging
 from nmt.data.batching import Batch, EncodedCorpus, collate, epoch_batches, padding_share
@@ -593,13 +593,14 @@ class Trainer:
         """Rank 0: average `kept` (those made after trainer.average_from) into checkpoints/averaged.pt, load
         it into the model, validate it."""
         since = self.cfg.trainer.average_from
-        if since:  # a checkpoint kept before the budget was recorded counts as late enough
-            kept = [path for path in kept if load_checkpoint(path).get("budget_used", 1.0) >= since]
-        if not kept:
+        # a checkpoint kept before the budget was recorded counts as late enough
+        loaded = [(path, state) for path in kept
+                  if (state := load_checkpoint(path)).get("budget_used", 1.0) >= since]
+        if not loaded:
             log.warning("trainer.average_last: no validation weights were kept%s, so there is nothing to average",
                         f" after trainer.average_from={since:g} of the budget" if since else "")
             return None
-        averaged = average_weights(kept)
+        averaged = average_states([state for _, state in loaded], [path.name for path, _ in loaded])
         save_checkpoint(averaged, self.files.checkpoint("averaged"))
         self.model.load_state_dict(averaged["model"])
         metrics = validate(self.model, self.data, self.cfg, self.device, self.precision)
