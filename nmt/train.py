@@ -130,7 +130,7 @@ class BudgetSchedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, shape: str, lr: float, min_lr: float, warmup_steps: int,
-                 cycle_from: float | None = None, cycle_floor: float = 1.0):
+                 cycle_from: float | None = None, cycle_floor: float = 0.1):
         self.optimizer, self.shape, self.lr, self.min_lr, self.warmup_steps = optimizer, shape, lr, min_lr, warmup_steps
         self.cycle_from, self.cycle_floor = cycle_from, cycle_floor
         self.update(0, 0.0)
