@@ -313,6 +313,41 @@ def test_search_step_on_a_beam_of_rows_per_sentence_equals_the_plain_step_on_rep
         model.step(prev, slow, plain.with_beam(K))
 
 
+def test_search_token_table_equals_the_per_step_terms_and_follows_the_weights():
+    """Outside training the search looks each previous token's terms up in a table of the vocabulary; the table
+    holds what the step would compute, and is remade when the weights change (an optimizer step, a load)."""
+    model = tiny_model(embeddings=EmbeddingConfig(scale=True)).eval()
+    prev = torch.tensor([5, 1, 5, 10, 3])
+    computed = lambda: model.decoder.project_tokens(model.tgt_embed(prev))  # noqa: E731
+    with torch.no_grad():
+        looked_up = model.token_terms(prev)
+        assert looked_up.shape == (5, 3 * H + E) and model._token_table_cache.shape == (V, 3 * H + E)
+        assert torch.allclose(looked_up, computed(), atol=1e-6)
+        table = model._token_table_cache
+        model.token_terms(prev)
+        assert model._token_table_cache is table  # unchanged weights: the same table
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    loss = model(make_src(), SRC_LENS, make_tgt_in()).square().mean()
+    with torch.no_grad():
+        assert model._token_table() is None  # training mode: dropout could act, no table
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    assert model._token_table() is None  # gradients on: no table, which would carry no graph
+    with torch.no_grad():
+        assert torch.allclose(model.token_terms(prev), computed(), atol=1e-6)  # remade after the step
+        assert not torch.allclose(model.token_terms(prev), looked_up, atol=1e-3)
+        other = tiny_model(embeddings=EmbeddingConfig(scale=True)).eval()
+        model.load_state_dict(other.state_dict())
+        assert torch.allclose(model.token_terms(prev), other.token_terms(prev), atol=1e-6)  # remade after a load
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.token_terms(prev).dtype == computed().dtype == torch.bfloat16  # remade under autocast
+    renormed = tiny_model(embeddings=EmbeddingConfig(max_norm=1.0)).eval()
+    with torch.no_grad():
+        assert renormed._token_table() is None  # a max_norm lookup changes the weight as it reads it
+
+
 def test_dropout_acts_only_in_training_mode():
     model = tiny_model()
     src, tgt_in = make_src(), make_tgt_in()

@@ -114,11 +114,19 @@ class Decoder(nn.Module):
         context_weights = (self.cell.weight_ih[:, self.embedding_dim:], self.pre_output.weight[:, H:H + self.encoder_size])
         return F.linear(states, torch.cat(context_weights))
 
-    def search_step(self, embedded: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor,
-                    src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step` for K rows per sentence (a beam): embedded (B * K, E), hidden (L, B * K, H), and per sentence
-        keys (B, S, A), projected states (B, S, 3H + O), src_mask (B, S) -> pre-output (B * K, O), hidden,
-        weights (B * K, S).
+    def project_tokens(self, embedded: torch.Tensor) -> torch.Tensor:
+        """embedded (..., E) -> (..., 3H + O): what a step computes from the previous token alone, layer 0's input
+        gates from the embedding and the deep output's embedding part, biases included. For `search_step`;
+        outside training the search looks these up per piece (`Seq2Seq.token_terms`)."""
+        H, E = self.hidden_size, self.embedding_dim
+        weight = torch.cat([self.cell.weight_ih[:, :E], self.pre_output.weight[:, H + self.encoder_size:]])
+        return F.linear(embedded, weight, torch.cat([self.cell.bias_ih, self.pre_output.bias]))
+
+    def search_step(self, token_terms: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor,
+                    projected: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` for K rows per sentence (a beam): the previous tokens' `project_tokens` (B * K, 3H + O), hidden
+        (L, B * K, H), and per sentence keys (B, S, A), projected states (B, S, 3H + O), src_mask (B, S) ->
+        pre-output (B * K, O), hidden, weights (B * K, S).
 
         The same function as `step`, computed in another order: the context is a weighted sum of source
         states, so its product with a weight equals the weighted sum of the states' products, which
@@ -126,14 +134,11 @@ class Decoder(nn.Module):
         sentence instead of (K, 2H) x (2H, 3H + O): about a third of the search's arithmetic at beam 5
         and sentences of Multi30k's length. The context itself is never formed.
         """
-        batch, rows = keys.size(0), embedded.size(0)
+        batch, rows = keys.size(0), token_terms.size(0)
         weights = self.attention.beam_weights(hidden[-1].view(batch, rows // batch, -1), keys, src_mask)  # (B, K, S)
-        mixed = torch.bmm(weights, projected).view(rows, -1)  # (B * K, 3H + O)
-        context_gates, context_output = mixed.split([3 * self.hidden_size, mixed.size(-1) - 3 * self.hidden_size], -1)
+        mixed = torch.bmm(weights, projected).view(rows, -1) + token_terms  # (B * K, 3H + O)
+        input_gates, output_part = mixed.split([3 * self.hidden_size, mixed.size(-1) - 3 * self.hidden_size], -1)
         hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B * K, 3H)
-        layer_out = gru_update(self._embedding_gates(embedded) + context_gates, hidden_gates, hidden[0])
-        top, new_hidden = self._upper_layers(layer_out, hidden)  # (B * K, H), (L, B * K, H)
-        H, W = self.hidden_size, self.pre_output.weight
-        pre_output = (F.linear(top, W[:, :H], self.pre_output.bias) + context_output
-                      + F.linear(embedded, W[:, H + self.encoder_size:]))
+        top, new_hidden = self._upper_layers(gru_update(input_gates, hidden_gates, hidden[0]), hidden)
+        pre_output = F.linear(top, self.pre_output.weight[:, :self.hidden_size]) + output_part  # (B * K, O)
         return self.dropout(torch.tanh(pre_output)), new_hidden, weights.view(rows, -1)
