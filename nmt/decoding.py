@@ -49,7 +49,7 @@ def translate_sentences(model: Seq2Seq, vocab: Vocab, sources: list[str], cfg: D
     # fp32 leaves any autocast of the caller (validation under trainer.precision) as it is
     bf16 = decode_precision(cfg, device) == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast, tqdm(total=int(nonempty.sum()), desc="decode", unit="sent", leave=False, disable=not progress) as bar:
+    with autocast, model.token_table(), tqdm(total=int(nonempty.sum()), desc="decode", unit="sent", leave=False, disable=not progress) as bar:
         for indices in filter(None, batches):
             batch = collate(corpus, indices, with_target=False).to(device)
             hyps = decode(model, batch.src_ids, batch.src_lens, cfg.beam_size, cfg.alpha, cfg.max_len_ratio,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -286,10 +287,18 @@ def test_seq2seq_step_unrolled_equals_forward_log_probs(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(decoder_layers=2, encoder_layers=2), dict(output_size=E + 5)])
-def test_search_step_on_a_beam_of_rows_per_sentence_equals_the_plain_step_on_repeated_sentences(overrides):
-    """The search's step (projected states, K rows reading one copy of their sentence) computes the same
-    log-probabilities, states and attention as the plain step on each sentence repeated K times."""
+@pytest.mark.parametrize("table", [False, True])
+def test_search_step_on_a_beam_of_rows_per_sentence_equals_the_plain_step_on_repeated_sentences(overrides, table):
+    """The search's step (projected states, K rows reading one copy of their sentence, the previous tokens'
+    terms computed or looked up in the token table) computes the same log-probabilities, states and
+    attention as the plain step on each sentence repeated K times."""
     model, K = tiny_model(**overrides).eval(), 3
+    with model.token_table() if table else contextlib.nullcontext():
+        assert (model._token_table is not None) == table
+        check_search_step(model, K)
+
+
+def check_search_step(model, K):
     src = make_src()
     encoded, hidden = model.encode(src, SRC_LENS, for_search=True)
     assert encoded.projected.shape == (B, S, 3 * H + model.output.in_features) and encoded.beam == 1
@@ -313,39 +322,29 @@ def test_search_step_on_a_beam_of_rows_per_sentence_equals_the_plain_step_on_rep
         model.step(prev, slow, plain.with_beam(K))
 
 
-def test_search_token_table_equals_the_per_step_terms_and_follows_the_weights():
-    """Outside training the search looks each previous token's terms up in a table of the vocabulary; the table
-    holds what the step would compute, and is remade when the weights change (an optimizer step, a load)."""
+def test_search_token_table_holds_the_per_step_terms_while_it_is_open():
+    """Within `token_table` the search looks each previous token's terms up in a table of the vocabulary, made
+    from the weights when the block opens; outside it, and in training mode, the terms are computed."""
     model = tiny_model(embeddings=EmbeddingConfig(scale=True)).eval()
     prev = torch.tensor([5, 1, 5, 10, 3])
-    computed = lambda: model.decoder.project_tokens(model.tgt_embed(prev))  # noqa: E731
     with torch.no_grad():
-        looked_up = model.token_terms(prev)
-        assert looked_up.shape == (5, 3 * H + E) and model._token_table_cache.shape == (V, 3 * H + E)
-        assert torch.allclose(looked_up, computed(), atol=1e-6)
-        table = model._token_table_cache
-        model.token_terms(prev)
-        assert model._token_table_cache is table  # unchanged weights: the same table
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model.train()
-    loss = model(make_src(), SRC_LENS, make_tgt_in()).square().mean()
-    with torch.no_grad():
-        assert model._token_table() is None  # training mode: dropout could act, no table
-    loss.backward()
-    optimizer.step()
-    model.eval()
-    assert model._token_table() is None  # gradients on: no table, which would carry no graph
-    with torch.no_grad():
-        assert torch.allclose(model.token_terms(prev), computed(), atol=1e-6)  # remade after the step
-        assert not torch.allclose(model.token_terms(prev), looked_up, atol=1e-3)
-        other = tiny_model(embeddings=EmbeddingConfig(scale=True)).eval()
-        model.load_state_dict(other.state_dict())
-        assert torch.allclose(model.token_terms(prev), other.token_terms(prev), atol=1e-6)  # remade after a load
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.token_terms(prev).dtype == computed().dtype == torch.bfloat16  # remade under autocast
+        computed = model.token_terms(prev)
+        assert model._token_table is None and computed.shape == (5, 3 * H + E)
+        assert torch.allclose(computed, model.decoder.project_tokens(model.tgt_embed(prev)))
+        with model.token_table():
+            assert model._token_table.shape == (V, 3 * H + E)
+            assert torch.allclose(model.token_terms(prev), computed, atol=1e-6)
+            model.train()  # training mode inside the block: computed, with dropout, not looked up
+            assert not torch.equal(model.token_terms(prev), model.token_terms(prev))
+            model.eval()
+        assert model._token_table is None  # closed: no table, so changed weights cannot meet a stale one
+        with torch.autocast("cpu", dtype=torch.bfloat16), model.token_table():
+            assert model.token_terms(prev).dtype == torch.bfloat16  # made under the caller's autocast
+    with model.train().token_table():
+        assert model._token_table is None  # training mode: dropout may act, no table
     renormed = tiny_model(embeddings=EmbeddingConfig(max_norm=1.0)).eval()
-    with torch.no_grad():
-        assert renormed._token_table() is None  # a max_norm lookup changes the weight as it reads it
+    with renormed.token_table():
+        assert renormed._token_table is None  # a max_norm lookup changes the weight as it reads it
 
 
 def test_dropout_acts_only_in_training_mode():

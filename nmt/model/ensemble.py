@@ -9,6 +9,8 @@ that the search's row selection (`hidden[:, rows]`) moves them all together.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,14 @@ class Ensemble(nn.Module):
         """src_ids (B, S), src_lens (B,) -> the members' encoder outputs, their hidden states (sum L, B, H)."""
         encoded = [member.encode(src_ids, src_lens, for_search) for member in self.members]
         return EnsembleEncoderOutput([e for e, _ in encoded]), torch.cat([h for _, h in encoded])
+
+    @contextmanager
+    def token_table(self) -> Iterator[None]:
+        """Each member's `Seq2Seq.token_table` at once."""
+        with ExitStack() as stack:
+            for member in self.members:
+                stack.enter_context(member.token_table())
+            yield
 
     def step(self, prev_ids: torch.Tensor, hidden: torch.Tensor,
              encoded: EnsembleEncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

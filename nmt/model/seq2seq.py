@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -61,8 +63,7 @@ class Seq2Seq(nn.Module):
             self.src_embed.embedding.weight = self.tgt_embed.embedding.weight
         if cfg.tie_embeddings:
             self.output.weight = self.tgt_embed.weight  # one (V, E) matrix reads and writes pieces
-        self._token_table_cache: torch.Tensor | None = None  # see token_terms
-        self._token_table_key: tuple | None = None
+        self._token_table: torch.Tensor | None = None  # (V, 3H + O) while `token_table` is open
 
     def _dropped(self, embedded: torch.Tensor) -> torch.Tensor:
         return self.embed_dropout(self.word_dropout(embedded))
@@ -92,36 +93,33 @@ class Seq2Seq(nn.Module):
         return self.output(pre_output)  # (B, T, V) or (N, V)
 
     def token_terms(self, prev_ids: torch.Tensor) -> torch.Tensor:
-        """prev_ids (R,) -> the decoder's `project_tokens` of their embeddings (R, 3H + O).
-
-        Outside training these depend on the piece alone, so the search looks them up in a table of the
-        whole vocabulary instead of multiplying R embeddings by a (3H + O, E) weight at every step: about a
-        sixth of a beam step's arithmetic on Multi30k. The table is made at the first step after the weights
-        change (an optimizer step or a load bumps their version counters) and costs about as much as four
-        beam-5 steps of 64 sentences; vocabularies over TOKEN_TABLE_LIMIT entries and max_norm embeddings
-        (whose lookup renormalises rows) compute the terms per step instead.
-        """
-        table = self._token_table()
-        if table is not None:
-            return table.index_select(0, prev_ids)
+        """prev_ids (R,) -> the decoder's `project_tokens` of their embeddings (R, 3H + O); from the table of
+        `token_table` while one is open."""
+        if self._token_table is not None and not self.training:
+            return self._token_table.index_select(0, prev_ids)
         return self.decoder.project_tokens(self.embed_dropout(self.tgt_embed(prev_ids)))
 
-    def _token_table(self) -> torch.Tensor | None:
+    @contextmanager
+    def token_table(self) -> Iterator[None]:
+        """Within this block the search looks each previous token's terms up in a table of the whole vocabulary
+        instead of multiplying R embeddings by a (3H + O, E) weight at every step: about a sixth of a beam
+        step's arithmetic for the recipe's model. Outside training those terms depend on the piece alone.
+        Making the table is one product of V rows (a beam-5 step of 64 sentences multiplies 320), so
+        `translate_sentences` opens one per call; the weights must not change inside it. Vocabularies over
+        TOKEN_TABLE_LIMIT entries and max_norm embeddings (whose lookup renormalises rows) get no table.
+        """
         weight = self.tgt_embed.weight
-        vocab, width = weight.size(0), 3 * self.decoder.hidden_size + self.output.in_features
-        if (self.training or torch.is_grad_enabled() or self.tgt_embed.embedding.max_norm is not None
-                or vocab * width > TOKEN_TABLE_LIMIT):
-            return None
-        device_type = weight.device.type
-        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
-        sources = (weight, self.decoder.cell.weight_ih, self.decoder.cell.bias_ih, self.decoder.pre_output.weight,
-                   self.decoder.pre_output.bias)
-        key = (autocast, tuple((p.data_ptr(), p._version) for p in sources))
-        if self._token_table_key != key:
-            self._token_table_cache = None  # free the old table before making the new one
-            self._token_table_cache = self.decoder.project_tokens(self.tgt_embed(torch.arange(vocab, device=weight.device)))
-            self._token_table_key = key
-        return self._token_table_cache
+        width = 3 * self.decoder.hidden_size + self.output.in_features
+        if self.training or self.tgt_embed.embedding.max_norm is not None or weight.size(0) * width > TOKEN_TABLE_LIMIT:
+            yield
+            return
+        with torch.no_grad():
+            self._token_table = self.decoder.project_tokens(self.tgt_embed(torch.arange(weight.size(0),
+                                                                                        device=weight.device)))
+        try:
+            yield
+        finally:
+            self._token_table = None
 
     def step(self, prev_ids: torch.Tensor, hidden: torch.Tensor,
              encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
