@@ -579,7 +579,7 @@ class Trainer:
         value = metrics[self.cfg.trainer.early_stopping_metric]
         improved = self.improves(value)
         log.info("averaged the weights of the last %d validations (steps %s to %s) into %s: dev loss %.3f, "
-                 "ppl %.2f, BLEU %.2f%s", len(kept), metrics["first_step"], metrics["last_step"],
+                 "ppl %.2f, BLEU %.2f%s", metrics["averaged"], metrics["first_step"], metrics["last_step"],
                  self.files.checkpoint("averaged"), metrics["loss"], metrics["ppl"], metrics["bleu"],
                  "; better than the best validation, so it is now best.pt" if improved else
                  "; best.pt stays, its dev score is better")
@@ -605,7 +605,7 @@ class Trainer:
         self.model.load_state_dict(averaged["model"])
         metrics = validate(self.model, self.data, self.cfg, self.device, self.precision)
         steps = averaged["averaged_steps"]
-        return {**metrics, "first_step": steps[0], "last_step": steps[-1]}
+        return {**metrics, "averaged": len(steps), "first_step": steps[0], "last_step": steps[-1]}
 
     def validate_and_checkpoint(self) -> None:
         cfg, state = self.cfg.trainer, self.state

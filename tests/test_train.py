@@ -475,7 +475,8 @@ def test_average_from_leaves_out_the_validations_made_early_in_the_budget(shared
     assert budget == {2: 0.25, 4: 0.5, 6: 0.75, 8: 1.0}  # trainer.max_steps is the budget here
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (average,) = [r for r in records if r["kind"] == "averaged"]
-    assert (average["first_step"], average["last_step"]) == (6, 8)
+    assert (average["first_step"], average["last_step"], average["averaged"]) == (6, 8, 2)
+    assert "averaged the weights of the last 2 validations (steps 6 to 8)" in (run_dir / "train.log").read_text()
     a, b, mean = (weights(run_dir, name) for name in ("val-00000006", "val-00000008", "averaged"))
     assert torch.allclose(mean["output.weight"], (a["output.weight"] + b["output.weight"]) / 2, atol=1e-7)
 
