@@ -9,6 +9,7 @@ prints them; an error of one rank's own is printed by that rank, naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -65,9 +66,16 @@ def _describe_config_error(error: Exception) -> str:
     if "not in" in text and key and re.search(r"Key '[^']+' not in", text):
         return (f"Unknown setting {key}: there is no such key. Check its spelling; "
                 f"nmt-{{name}} --cfg prints every setting with its current value.")
-    converted = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
+    converted = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text) or \
+        re.search(r"Value '([^']*)' is not a valid (\w+)", text)
     if converted and key:
         return f"Wrong type for {key}: {converted.group(1)!r} is not a valid {converted.group(2).lower()}."
+    if "is not Optional" in text and key:
+        return f"{key} cannot be null: give it a value (nmt-{{name}} --cfg shows its default)."
+    group = re.search(r"Config group override must be a string or a list\. Got (\w+)", text)
+    if group:
+        return (f"A config group takes the name of one of its options, not a value of type {group.group(1)}; nmt-{{name}} --help "
+                f"lists the groups and their options.")
     unparsed = re.search(r"LexerNoViableAltException: (\S+)|Error parsing override '([^']*)'", text)
     if unparsed:
         override = unparsed.group(1) or unparsed.group(2)
@@ -83,6 +91,20 @@ def _describe_config_error(error: Exception) -> str:
     return " ".join(lines) + " See --help for usage."
 
 
+def unknown_keys(typed: object, plain: dict, prefix: str = "") -> list[str]:
+    """Keys of the composed config that its dataclass does not have (Hydra's +key=value adds any key)."""
+    if not dataclasses.is_dataclass(typed) or not isinstance(plain, dict):
+        return []  # a free mapping or a value: any key goes
+    fields = {field.name for field in dataclasses.fields(typed)}
+    unknown = []
+    for key, value in plain.items():
+        if key not in fields:
+            unknown.append(prefix + str(key))
+        else:
+            unknown += unknown_keys(getattr(typed, key), value, f"{prefix}{key}.")
+    return unknown
+
+
 def compose_config(name: str, overrides: list[str]):
     """Compose configs/<name>.yaml with overrides -> (dataclass config, plain dict)."""
     store = ConfigStore.instance()
@@ -94,10 +116,16 @@ def compose_config(name: str, overrides: list[str]):
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             fail(f"Missing required setting(s): {', '.join(missing)}. Add e.g. {missing[0]}=... to the command.")
-        return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+        typed, plain = OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+        unknown = unknown_keys(typed, plain)
+        if unknown:
+            fail(f"Unknown setting {unknown[0]}: there is no such key (an override that starts with + adds a key, "
+                 f"but nmt reads only its own). Check its spelling; nmt-{name} --cfg prints every setting with its "
+                 f"current value.")
+        return typed, plain
     except NMTError as error:
         fail(str(error))
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
         cause = error.__cause__ or error.__context__
         if isinstance(cause, NMTError):  # raised by a schema's __post_init__ inside OmegaConf
             fail(str(cause))

@@ -92,6 +92,11 @@ def test_unknown_experiment_lists_the_choices(capsys):
     ("data.subword_nbest=-1", None),  # sample among all segmentations
     ("trainer.average_from=1.0", "trainer.average_from"),  # would leave nothing to average
     ("trainer.average_from=-0.1", "trainer.average_from"),
+    ("+model.hiden_size=5", "model.hiden_size"),  # Hydra's + adds any key; nmt refuses those it does not read
+    ("+foo=1", "Unknown setting foo"),
+    ("trainer.resume=maybe", "Wrong type for trainer.resume"),
+    ("trainer.max_epochs=null", "trainer.max_epochs cannot be null"),
+    ("model=5", "config group"),  # Hydra raises a ValueError for a group given a number
 ])
 def test_overrides_are_checked_before_any_work(override, key, capsys):
     calls = []
