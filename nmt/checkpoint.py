@@ -64,6 +64,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _unpickler_reason(detail: str) -> str:
+    """torch's multi-paragraph weights-only message -> its one line that says what failed."""
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    after = [line for i, line in enumerate(lines) if i and lines[i - 1].endswith("WeightsUnpickler error:")]
+    return (after or lines or ["unknown error"])[0][:200]
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects; any problem is a clear NMTError."""
     path = Path(path)
@@ -72,6 +79,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        detail = str(error)
+        if "GLOBAL" not in detail:  # no class or function it refused to import: bytes that are no pickle at all
+            raise NMTError(f"The checkpoint {path} is truncated or corrupted (it cannot be unpickled: "
+                           f"{_unpickler_reason(detail)}).") from None
         raise NMTError(
             f"Refused to load {path}: it holds objects other than tensors and plain data, so loading it could "
             f"run code ({(str(error).strip() or 'unsafe pickle').splitlines()[0][:200]}). Only load checkpoints written by nmt."
@@ -93,7 +104,12 @@ def load_latest(path: Path, map_location: str | torch.device = "cpu") -> tuple[d
         if not previous.exists():
             raise
         log.warning("%s Falling back to the previous checkpoint, %s.", error, previous)
-        return load_checkpoint(previous, map_location), previous
+        try:
+            return load_checkpoint(previous, map_location), previous
+        except NMTError as second:
+            raise NMTError(f"{error} {second} Neither can be resumed: restore {Path(path).name} from a copy, or start a new "
+                           f"run in another paths.run_dir (best.pt and the kept val-STEP.pt of this one can still be "
+                           f"evaluated).") from None
 
 
 def average_weights(paths: list[Path]) -> dict[str, Any]:

@@ -62,8 +62,19 @@ def read_config(files: RunFiles) -> dict:
     if not files.config.exists():
         raise NMTError(f"{files.run_dir} is not a training run: it has no config.yaml. Pass run=DIR with the "
                        f"paths.run_dir of a run made by nmt-train.")
-    with open(files.config, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+    try:
+        with open(files.config, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise NMTError(f"{files.config}{where} is not valid YAML, so the run's settings cannot be read. nmt-train "
+                       f"writes this file; restore it (a copy made by another run of the same command will do), "
+                       f"or train the run again.") from None
+    if not isinstance(config, dict):
+        raise NMTError(f"{files.config} does not hold the run's settings (a mapping of sections). nmt-train writes "
+                       f"this file; restore it, or train the run again.")
+    return config
 
 
 def write_config(files: RunFiles, cfg_dict: dict) -> None:
@@ -136,7 +147,9 @@ def load_trained(run_dir: str | Path, checkpoint: str, device, ensemble: Sequenc
     `ensemble`, more checkpoints of the run, each into a model of its own, decoding as one Ensemble."""
     files = RunFiles(Path(run_dir))
     if not files.run_dir.is_dir():
-        raise NMTError(f"The run directory {files.run_dir} does not exist. Pass run=DIR with a directory made by nmt-train.")
+        what = "is a file, not a directory" if files.run_dir.exists() else "does not exist"
+        raise NMTError(f"The run directory {files.run_dir} {what}. Pass run=DIR with a directory made by nmt-train "
+                       f"(its paths.run_dir).")
     saved = read_config(files)
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
@@ -152,7 +165,8 @@ def load_trained(run_dir: str | Path, checkpoint: str, device, ensemble: Sequenc
 def _load_model(files: RunFiles, config: TrainConfig, vocab: Vocab, path: Path, device) -> Seq2Seq:
     if not path.exists():
         raise NMTError(f"The checkpoint {path} does not exist; has the run {files.run_dir} saved one yet? "
-                       f"Choose another with checkpoint=best, last or step0 "
+                       f"Choose another with eval.checkpoint (nmt-evaluate), translate.checkpoint (nmt-translate) or "
+                       f"checkpoint (nmt-embeddings): best, last, averaged or step0 "
                        f"(or a file in {files.run_dir / 'checkpoints'}).")
     state = load_checkpoint(path, map_location="cpu")
     model = build_model(config.model, vocab.size("src"), vocab.size("tgt"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, script_path
 
 PAIRS = 200
 # A tiny model and two steps: these runs only have to get through the data and one validation.
@@ -200,3 +200,48 @@ def test_binary_garbage_into_nmt_translate_gives_one_line_per_line(debug_run):
     outputs = out.stdout.decode("utf-8").split("\n")
     assert outputs[-1] == "" and len(outputs) - 1 == len(garbage)
     assert not any(ch in "".join(outputs) for ch in "\x00\x1b\x07")  # no control characters echoed back
+
+
+# --- paths the user gives that cannot be written, and damaged run directories ----------------------------------
+
+def test_a_run_dir_that_is_a_file_is_named(corpus, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory\n", encoding="utf-8")
+    for run_dir, reason in ((blocker, "File exists"), (blocker / "sub", "Not a directory")):
+        out = nmt_train(corpus, run_dir, corpus / "train.de", corpus / "train.en")
+        assert_clean_error(out, f"paths.run_dir={run_dir}", reason)
+
+
+def test_unwritable_translate_outputs_are_named(debug_run, tmp_path):
+    source = tmp_path / "in.de"
+    source.write_text("Ein Hund.\n", encoding="utf-8")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x\n", encoding="utf-8")
+    for setting in (f"translate.output={tmp_path / 'missing' / 'out.en'}", f"translate.output={tmp_path}",
+                    f"translate.attention_dir={blocker / 'attn'}"):
+        out = run_cli("nmt-translate", f"run={debug_run}", f"translate.input={source}", setting)
+        assert_clean_error(out, setting)
+
+
+def damaged_copy(debug_run: Path, tmp_path: Path, name: str, content: bytes, append: bool = False) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    target = run / name
+    target.write_bytes((target.read_bytes() if append else b"") + content)
+    return run
+
+
+@pytest.mark.parametrize("name, content, append, fragments", [
+    ("config.yaml", b"model: [unclosed\n", True, ["config.yaml", "not valid YAML", "line"]),
+    ("spm.joint.model", b"\x08\x01garbage", False, ["spm.joint.model", "not a SentencePiece model"]),
+    ("checkpoints/best.pt", bytes(range(256)) * 20, False, ["best.pt", "truncated or corrupted"]),
+])
+def test_a_damaged_run_directory_is_named(debug_run, tmp_path, name, content, append, fragments):
+    run = damaged_copy(debug_run, tmp_path, name, content, append)
+    for command in ("nmt-evaluate", "nmt-translate"):
+        out = subprocess.run([script_path(command), f"run={run}"], input="Ein Hund.\n", capture_output=True, text=True,
+                             timeout=300)
+        assert_clean_error(out, *fragments)
+        assert "objects other than tensors" not in out.stderr  # random bytes are damage, not an unsafe pickle

@@ -112,8 +112,10 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, keep):
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, content):
     garbage = tmp_path / "garbage.pt"  # e.g. eval.checkpoint pointing at the wrong file
     garbage.write_bytes(content)
-    with pytest.raises(NMTError, match="garbage.pt"):
+    with pytest.raises(NMTError, match="garbage.pt") as error:
         load_checkpoint(garbage)
+    assert "truncated or corrupted" in str(error.value)  # damage, not a refused unsafe pickle
+    assert "Refused" not in str(error.value) and "PyTorch 2.6" not in str(error.value)
 
 
 def test_foreign_and_missing_files_are_clear_errors(tmp_path):
@@ -149,3 +151,16 @@ def test_load_latest_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
     previous_path(path).unlink()
     with pytest.raises(NMTError, match="truncated or corrupted"):
         load_latest(path)
+
+
+def test_load_latest_says_what_to_do_when_both_checkpoints_are_damaged(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(3)}}, path, keep_previous=True)
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path, keep_previous=True)
+    for damaged in (path, previous_path(path)):
+        damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(NMTError) as error:
+        load_latest(path)
+    message = str(error.value)
+    assert "last.pt" in message and "last.prev.pt" in message
+    assert "Neither can be resumed" in message and "paths.run_dir" in message

@@ -93,6 +93,15 @@ class SentenceSample:
             self.sentences[slot] = sentence
 
 
+def _load_processor(path: Path) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise NMTError(f"{path} is not a SentencePiece model that can be read ({str(error).strip()}): it is "
+                       f"truncated or damaged. The run's checkpoints need this exact model; restore it from a "
+                       f"copy, or train the run again.") from None
+
+
 @dataclass
 class Vocab:
     """One SentencePiece processor per side (the same object twice when the vocabulary is joint)."""
@@ -106,8 +115,8 @@ class Vocab:
         for path in set(files.values()):
             if not path.exists():
                 raise NMTError(f"{path} is missing: the run directory {run_dir} has no SentencePiece model.")
-        src = spm.SentencePieceProcessor(model_file=str(files["src"]))
-        tgt = src if joint else spm.SentencePieceProcessor(model_file=str(files["tgt"]))
+        src = _load_processor(files["src"])
+        tgt = src if joint else _load_processor(files["tgt"])
         return cls(src, tgt)
 
     @classmethod
