@@ -72,6 +72,10 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     hyp_path, ref_path = out_dir / f"{name}.hyp", out_dir / f"{name}.ref"
     hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     ref_path.write_text("".join(r + "\n" for r in data.tgt), encoding="utf-8")
+    nbest_path = out_dir / f"{name}.nbest" if cfg.eval.n_best > 1 else None
+    if nbest_path is not None:  # Moses' n-best form: sentence number ||| translation ||| score, best first
+        nbest_path.write_text("".join(f"{i} ||| {run.vocab.decode(h.tokens, 'tgt')} ||| {h.score:.4f}\n"
+                                      for i, t in enumerate(translations) for h in t.hypotheses), encoding="utf-8")
     tokens = sum(len(t.tgt_pieces) for t in translations)
     result = {
         "run": str(run.files.run_dir), "checkpoint": str(run.checkpoint), "ensemble": [str(p) for p in run.ensemble],
@@ -83,11 +87,14 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
                      "device": str(device)},
         "hypotheses": str(hyp_path), "references": str(ref_path),
     }
+    if nbest_path is not None:
+        result["nbest"] = str(nbest_path)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(result["bleu_text"])
     print(f"  {result['bleu_signature']}")
     print(result["chrf_text"])
     print(f"  {result['chrf_signature']}")
     print(f"{len(hypotheses)} sentences in {seconds:.1f} s ({result['sentences_per_s']:.1f} sent/s, "
-          f"{result['tgt_tokens_per_s']:.0f} tgt tok/s); wrote {hyp_path} and {out_dir / f'{name}.json'}")
+          f"{result['tgt_tokens_per_s']:.0f} tgt tok/s); wrote {hyp_path}"
+          f"{f', {nbest_path} (eval.n_best={cfg.eval.n_best})' if nbest_path else ''} and {out_dir / f'{name}.json'}")
     return result

@@ -1,6 +1,7 @@
 """nmt-translate: translate a file, a pipe, or sentences typed at a prompt.
 
-Piped or file input gives exactly one output line per input line, in order: an empty line gives an
+Piped or file input gives exactly one output line per input line, in order (with `translate.n_best=N`,
+N lines per input line, best first, an empty line where the search found fewer): an empty line gives an
 empty line, invalid UTF-8 and control characters are cleaned rather than fatal, and an over-long
 line is cut to `translate.max_src_len` pieces with a warning.
 """
@@ -69,11 +70,19 @@ def _read_chunks(stream: IO[bytes]) -> Iterator[list[str]]:
         yield chunk
 
 
+def nbest_texts(session: Session, result: Translation) -> list[str]:
+    """The translation's `n_best` hypotheses as text, best first; padded with "" to exactly n_best lines."""
+    n = session.options.n_best
+    texts = [session.run.vocab.decode(h.tokens, "tgt") for h in result.hypotheses[:n]]
+    return texts + [""] * (n - len(texts))
+
+
 def translate_stream(session: Session, source: IO[bytes], sink: IO[str]) -> int:
     count = 0
     for chunk in _read_chunks(source):
         for result in session.translate(chunk):
-            sink.write(result.text + "\n")
+            lines = nbest_texts(session, result) if session.options.n_best > 1 else [result.text]
+            sink.write("".join(line + "\n" for line in lines))
         sink.flush()
         count += len(chunk)
     return count
@@ -125,7 +134,11 @@ def interactive(session: Session) -> None:
                 break
             continue
         result = session.translate([line])[0]
-        print(result.text)
+        if session.options.n_best > 1:
+            for rank, (text, hyp) in enumerate(zip(nbest_texts(session, result), result.hypotheses), 1):
+                print(f"{rank}. {text}  (score {hyp.score:.3f})")
+        else:
+            print(result.text)
         if session.show_attention and result.hypotheses:
             print(attention_text(result.src_pieces, result.tgt_pieces, result.hypotheses[0].attention))
     if readline is not None:
@@ -157,11 +170,25 @@ def _command(session: Session, command: str) -> bool:
     return True
 
 
+def open_output(path: str) -> IO[str]:
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as error:
+        raise NMTError(f"translate.output={path}: cannot write there ({error.strerror}). Give a file path whose "
+                       f"directory exists and that you can write to.") from None
+
+
 def translate(cfg: TranslateConfig, cfg_dict: dict | None = None) -> None:
     setup_logging()
     keep_freed_memory()  # as nmt-train does (trainer.keep_freed_memory): the search reuses mapped pages
     device = pick_device(cfg.device, "device")
     options = cfg.translate
+    if options.attention_dir is not None:
+        try:
+            Path(options.attention_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise NMTError(f"translate.attention_dir={options.attention_dir}: cannot make that directory "
+                           f"({error.strerror}). Choose a directory you can write to.") from None
     session = Session(load_trained(cfg.run, options.checkpoint, device, options.ensemble), options, device)
     if options.input is None and options.output is None and sys.stdin.isatty():
         interactive(session)
@@ -172,7 +199,7 @@ def translate(cfg: TranslateConfig, cfg_dict: dict | None = None) -> None:
         if not path.is_file():
             raise NMTError(f"translate.input={options.input}: no such file.")
         source = open(path, "rb")
-    sink = sys.stdout if options.output is None else open(options.output, "w", encoding="utf-8")
+    sink = sys.stdout if options.output is None else open_output(options.output)
     try:
         count = translate_stream(session, source, sink)
     finally:

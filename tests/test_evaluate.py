@@ -65,6 +65,29 @@ def test_evaluate_missing_run_is_a_clean_error(tmp_path):
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_evaluate_n_best_writes_a_moses_list_whose_first_entries_are_the_scored_output(debug_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.split=val", "eval.beam_size=3", "eval.n_best=3"],
+                   capture_output=True, text=True, check=True)
+    hyps = (run / "eval" / "val.hyp").read_text(encoding="utf-8").splitlines()
+    entries = [line.split(" ||| ") for line in (run / "eval" / "val.nbest").read_text(encoding="utf-8").splitlines()]
+    assert json.loads((run / "eval" / "val.json").read_text())["nbest"] == str(run / "eval" / "val.nbest")
+    by_sentence = {}
+    for number, text, value in entries:
+        by_sentence.setdefault(int(number), []).append((text, float(value)))
+    assert sorted(by_sentence) == list(range(len(hyps))) == list(range(30))
+    for number, nbest in by_sentence.items():
+        assert 1 <= len(nbest) <= 3
+        assert nbest[0][0] == hyps[number]  # the best of the list is what was scored
+        scores = [value for _, value in nbest]
+        assert scores == sorted(scores, reverse=True)
+    assert any(len(nbest) == 3 for nbest in by_sentence.values())
+    subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.split=val", "eval.beam_size=3"],
+                   capture_output=True, text=True, check=True)
+    assert "nbest" not in json.loads((run / "eval" / "val.json").read_text())
+
+
 def test_evaluate_an_ensemble_of_checkpoints(debug_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(debug_run, run)

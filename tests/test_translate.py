@@ -24,6 +24,22 @@ def test_piped_gives_one_line_per_input_line(debug_run):
     assert b"translating its first" in out.stderr  # the 300-word line was cut, with a warning
 
 
+def test_n_best_gives_n_lines_per_input_line_best_first(debug_run):
+    data = "Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen im Schnee.\n".encode("utf-8")
+
+    def translate(*overrides):
+        out = subprocess.run([script_path("nmt-translate"), f"run={debug_run}", "translate.beam_size=3", *overrides],
+                             input=data, capture_output=True, check=True)
+        return out.stdout.decode("utf-8").split("\n")[:-1]
+
+    best = translate()
+    nbest = translate("translate.n_best=3")
+    assert len(best) == 3 and len(nbest) == 9
+    assert [nbest[0], nbest[3], nbest[6]] == best  # each group starts with the one-best translation
+    assert nbest[3:6] == ["", "", ""]  # an empty line gives n empty lines
+    assert len(set(nbest[0:3])) == 3 and len(set(nbest[6:9])) == 3  # n different hypotheses
+
+
 def test_file_mode_matches_piped_and_writes_heatmaps(debug_run, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen.\n", encoding="utf-8")
