@@ -14,6 +14,7 @@ Without torchrun (or with one process) everything here is a no-op and training i
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 from contextlib import contextmanager
@@ -182,6 +183,9 @@ def session(device_name: str, timeout_seconds: float) -> Iterator[Distributed]:
         teardown(dist, clean)
 
 
+DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
 def wrap_model(model: nn.Module, dist: Distributed) -> nn.Module:
     """DistributedDataParallel around `model` under torchrun (it averages gradients); `model` itself otherwise.
 
@@ -190,8 +194,9 @@ def wrap_model(model: nn.Module, dist: Distributed) -> nn.Module:
     if not dist.enabled:
         return model
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                   gradient_as_bucket_view=True)
+    # no buffer sync before each forward: torch 2.13 renamed broadcast_buffers (a FutureWarning on every rank)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in DDP_PARAMETERS else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True, **{no_sync: False})
 
 
 # --- each rank's share of an epoch ------------------------------------------------------------------------

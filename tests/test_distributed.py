@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -355,3 +356,18 @@ def test_a_repeated_sigterm_does_not_abort_the_save_but_a_second_ctrl_c_does():
     assert trainer.interrupted == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
         Trainer.on_signal(trainer, signal.SIGINT, None)
+
+
+def test_wrapping_for_ddp_gives_no_deprecation_warning(tmp_path):
+    """torch 2.13 deprecated broadcast_buffers; each rank used to print the FutureWarning."""
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model, _ = fresh_model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # a one-process group: DDP's constructor is what warned, whatever the number of ranks
+            ddp = wrap_model(model, SimpleNamespace(enabled=True, device=torch.device("cpu")))
+        assert ddp.module is model
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    finally:
+        torch_dist.destroy_process_group()
