@@ -110,6 +110,9 @@ def test_interactive_prompt_in_a_terminal(debug_run):
         os.write(primary, b"\n")  # empty lines are ignored
         _read_until(primary, b"> ")
         os.write(primary, b"\x04")  # Ctrl-D
+        # read what it prints until it closes the terminal: a full terminal buffer would block its exit,
+        # and a timeout then shows what it printed instead
+        _read_until(primary, b"\x00never printed\x00", timeout=30)
         assert child.wait(timeout=30) == 0
     finally:
         if child.poll() is None:
