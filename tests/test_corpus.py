@@ -203,3 +203,23 @@ def test_tatoeba_duplicates_never_straddle_splits(shared_data_dir):
     assert not english["train"] & english["val"] and not english["train"] & english["test"]
     assert not english["val"] & english["test"]
     assert all(len(s.split(" ")) < 10 for s in splits["train"].tgt)
+
+
+def test_a_download_without_network_says_where_the_file_goes(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from nmt.data.sources import multi30k_paths
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NMTError) as error:
+        multi30k_paths(Path("data"), "val", "de", "en")
+    message = str(error.value)
+    assert "Could not download" in message and "no network here" in message
+    assert str(tmp_path / "data" / "multi30k" / "val.de") in message  # absolute: the folder it looked in
+    assert "paths.data_dir" in message
+    assert not list(tmp_path.rglob("val.*"))  # nothing half-written

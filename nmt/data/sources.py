@@ -114,7 +114,7 @@ def _fetch(url: str, destination_hint: Path) -> bytes:
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         raise NMTError(
             f"Could not download {url} ({error}). Without network, put the file in place by hand as "
-            f"{destination_hint} (uncompressed, UTF-8), or point the data directory (paths.data_dir for nmt-train, "
+            f"{destination_hint.absolute()} (uncompressed, UTF-8), or point the data directory (paths.data_dir for nmt-train, "
             f"data_dir for nmt-evaluate) at a folder that already holds it, e.g. paths.data_dir=../shared/data."
         ) from None
 
