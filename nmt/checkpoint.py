@@ -65,10 +65,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _unpickler_reason(detail: str) -> str:
-    """torch's multi-paragraph weights-only message -> its one line that says what failed."""
+    """torch's multi-paragraph weights-only message -> its one line that says what failed (not its advice)."""
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL" in line]
     after = [line for i, line in enumerate(lines) if i and lines[i - 1].endswith("WeightsUnpickler error:")]
-    return (after or lines or ["unknown error"])[0][:200]
+    return (refused or after or lines or ["unknown error"])[0][:200]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -79,13 +80,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = str(error)
-        if "GLOBAL" not in detail:  # no class or function it refused to import: bytes that are no pickle at all
-            raise NMTError(f"The checkpoint {path} is truncated or corrupted (it cannot be unpickled: "
-                           f"{_unpickler_reason(detail)}).") from None
+        reason = _unpickler_reason(str(error))
+        if "GLOBAL" not in reason:  # no class or function refused: damaged bytes, or a pickle form it cannot read
+            raise NMTError(f"The checkpoint {path} cannot be read safely: it is truncated or corrupted, or was not "
+                           f"written by nmt (torch's weights-only loader stopped at: {reason}). Nothing in it was "
+                           f"run.") from None
         raise NMTError(
             f"Refused to load {path}: it holds objects other than tensors and plain data, so loading it could "
-            f"run code ({(str(error).strip() or 'unsafe pickle').splitlines()[0][:200]}). Only load checkpoints written by nmt."
+            f"run code ({reason}). Only load checkpoints written by nmt."
         ) from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged file
         reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0][:200]

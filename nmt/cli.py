@@ -74,7 +74,8 @@ def _describe_config_error(error: Exception) -> str:
         return f"{key} cannot be null: give it a value (nmt-{{name}} --cfg shows its default)."
     group = re.search(r"Config group override must be a string or a list\. Got (\w+)", text)
     if group:
-        return (f"A config group takes the name of one of its options, not a value of type {group.group(1)}; nmt-{{name}} --help "
+        given = "null" if group.group(1) == "NoneType" else f"a value of type {group.group(1)}"
+        return (f"A config group takes the name of one of its options, not {given}; nmt-{{name}} --help "
                 f"lists the groups and their options.")
     unparsed = re.search(r"LexerNoViableAltException: (\S+)|Error parsing override '([^']*)'", text)
     if unparsed:
@@ -125,7 +126,11 @@ def compose_config(name: str, overrides: list[str]):
         return typed, plain
     except NMTError as error:
         fail(str(error))
-    except (HydraException, OmegaConfBaseException, ValueError) as error:
+    except ValueError as error:
+        if "Config group override" not in str(error):  # Hydra's one ValueError for an override; others are bugs
+            raise
+        fail(_describe_config_error(error).replace("{name}", name))
+    except (HydraException, OmegaConfBaseException) as error:
         cause = error.__cause__ or error.__context__
         if isinstance(cause, NMTError):  # raised by a schema's __post_init__ inside OmegaConf
             fail(str(cause))

@@ -72,10 +72,16 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     hyp_path, ref_path = out_dir / f"{name}.hyp", out_dir / f"{name}.ref"
     hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     ref_path.write_text("".join(r + "\n" for r in data.tgt), encoding="utf-8")
-    nbest_path = out_dir / f"{name}.nbest" if cfg.eval.n_best > 1 else None
-    if nbest_path is not None:  # Moses' n-best form: sentence number ||| translation ||| score, best first
-        nbest_path.write_text("".join(f"{i} ||| {run.vocab.decode(h.tokens, 'tgt')} ||| {h.score:.4f}\n"
-                                      for i, t in enumerate(translations) for h in t.hypotheses), encoding="utf-8")
+    nbest_path = out_dir / f"{name}.nbest"
+    if cfg.eval.n_best > 1:  # Moses' n-best form: number ||| translation ||| features ||| score, best first
+        lines = []
+        for number, translation in enumerate(translations):
+            scored = [(run.vocab.decode(h.tokens, "tgt"), h.score) for h in translation.hypotheses] or [("", 0.0)]
+            lines += [f"{number} ||| {text} ||| score= {value:.4f} ||| {value:.4f}\n" for text, value in scored]
+        nbest_path.write_text("".join(lines), encoding="utf-8")
+    else:
+        nbest_path.unlink(missing_ok=True)  # an n-best list of an earlier evaluation no longer matches .hyp
+        nbest_path = None
     tokens = sum(len(t.tgt_pieces) for t in translations)
     result = {
         "run": str(run.files.run_dir), "checkpoint": str(run.checkpoint), "ensemble": [str(p) for p in run.ensemble],

@@ -65,6 +65,9 @@ def read_config(files: RunFiles) -> dict:
     try:
         with open(files.config, encoding="utf-8") as handle:
             config = yaml.safe_load(handle)
+    except OSError as error:
+        raise NMTError(f"{files.config} cannot be read ({error.strerror}). It should be the file of settings that "
+                       f"nmt-train wrote; check its permissions, or pass run=DIR with another run.") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

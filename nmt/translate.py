@@ -135,8 +135,9 @@ def interactive(session: Session) -> None:
             continue
         result = session.translate([line])[0]
         if session.options.n_best > 1:
-            for rank, (text, hyp) in enumerate(zip(nbest_texts(session, result), result.hypotheses), 1):
-                print(f"{rank}. {text}  (score {hyp.score:.3f})")
+            for rank, text in enumerate(nbest_texts(session, result), 1):
+                hyp = result.hypotheses[rank - 1] if rank <= len(result.hypotheses) else None
+                print(f"{rank}. {text}" + (f"  (score {hyp.score:.3f})" if hyp is not None else ""))
         else:
             print(result.text)
         if session.show_attention and result.hypotheses:
@@ -159,8 +160,9 @@ def _command(session: Session, command: str) -> bool:
     elif name == ":beam":
         if argument.strip().isdigit() and int(argument) >= 1:
             session.options.beam_size = int(argument)
-            session.options.n_best = 1
-            print(f"beam size {session.options.beam_size}")
+            session.options.n_best = min(session.options.n_best, session.options.beam_size)
+            shown = f", {session.options.n_best} best shown" if session.options.n_best > 1 else ""
+            print(f"beam size {session.options.beam_size}{shown}")
         else:
             print("usage: :beam N, with N a whole number of at least 1")
     elif name == ":help":

@@ -91,10 +91,21 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, payload):
     with pytest.raises(NMTError) as error:
         load_checkpoint(path)
     assert "Refused to load" in str(error.value) and "evil.pt" in str(error.value)
+    assert "GLOBAL" in str(error.value) and "PyTorch 2.6" not in str(error.value)  # the reason, not torch's advice
     assert not marker.exists()
     # the same file does run code under a plain unpickler: the test's payload is real
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+def test_a_pickle_form_the_safe_loader_cannot_read_is_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil4.pt"  # protocol 4 frames the pickle; torch's weights-only loader stops at the frame
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": _ShellPayload(marker)}, path, pickle_protocol=4)
+    with pytest.raises(NMTError) as error:
+        load_checkpoint(path)
+    assert "evil4.pt cannot be read safely" in str(error.value) and "not written by nmt" in str(error.value)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.01, 0.0], ids=["half", "first-1%", "empty"])

@@ -74,7 +74,8 @@ def test_evaluate_n_best_writes_a_moses_list_whose_first_entries_are_the_scored_
     entries = [line.split(" ||| ") for line in (run / "eval" / "val.nbest").read_text(encoding="utf-8").splitlines()]
     assert json.loads((run / "eval" / "val.json").read_text())["nbest"] == str(run / "eval" / "val.nbest")
     by_sentence = {}
-    for number, text, value in entries:
+    for number, text, features, value in entries:
+        assert features == f"score= {value}"
         by_sentence.setdefault(int(number), []).append((text, float(value)))
     assert sorted(by_sentence) == list(range(len(hyps))) == list(range(30))
     for number, nbest in by_sentence.items():
@@ -86,6 +87,7 @@ def test_evaluate_n_best_writes_a_moses_list_whose_first_entries_are_the_scored_
     subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.split=val", "eval.beam_size=3"],
                    capture_output=True, text=True, check=True)
     assert "nbest" not in json.loads((run / "eval" / "val.json").read_text())
+    assert not (run / "eval" / "val.nbest").exists()  # the stale list is gone
 
 
 def test_evaluate_an_ensemble_of_checkpoints(debug_run, tmp_path):

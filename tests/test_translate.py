@@ -37,7 +37,6 @@ def test_n_best_gives_n_lines_per_input_line_best_first(debug_run):
     assert len(best) == 3 and len(nbest) == 9
     assert [nbest[0], nbest[3], nbest[6]] == best  # each group starts with the one-best translation
     assert nbest[3:6] == ["", "", ""]  # an empty line gives n empty lines
-    assert len(set(nbest[0:3])) == 3 and len(set(nbest[6:9])) == 3  # n different hypotheses
 
 
 def test_file_mode_matches_piped_and_writes_heatmaps(debug_run, tmp_path):
@@ -118,3 +117,17 @@ def test_interactive_prompt_in_a_terminal(debug_run):
         if child.poll() is None:
             child.kill()
         os.close(primary)
+
+
+def test_beam_command_keeps_n_best_within_the_new_beam(capsys):
+    from types import SimpleNamespace
+
+    from nmt.config import TranslateOptions
+    from nmt.translate import _command
+
+    session = SimpleNamespace(options=TranslateOptions(beam_size=5, n_best=3), show_attention=False)
+    assert _command(session, ":beam 2")
+    assert (session.options.beam_size, session.options.n_best) == (2, 2)
+    assert "beam size 2, 2 best shown" in capsys.readouterr().out
+    assert _command(session, ":beam 8")
+    assert (session.options.beam_size, session.options.n_best) == (8, 2)  # n_best is not raised again
