@@ -176,6 +176,8 @@ def _load_model(files: RunFiles, config: TrainConfig, vocab: Vocab, path: Path, 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise NMTError(f"The checkpoint {path} does not fit the model of {files.config} "
-                       f"({str(error).splitlines()[0]}): choose a checkpoint written by this run.") from None
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]  # after "Error(s) in ...:"
+        shown = "; ".join(details[:3])[:600] or str(error).strip()[:300]
+        raise NMTError(f"The checkpoint {path} does not fit the model of {files.config} ({shown}): choose a "
+                       f"checkpoint written by this run.") from None
     return model.to(device).eval()

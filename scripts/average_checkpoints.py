@@ -29,6 +29,9 @@ def main() -> int:
     files = RunFiles(Path(args.run))
     found, target = files.validation_checkpoints(), files.checkpoint("averaged")
     try:
+        if not files.run_dir.is_dir():
+            raise NMTError(f"--run {files.run_dir}: no such run directory. Pass the paths.run_dir of a run trained "
+                           f"with trainer.keep_checkpoints=N.")
         if args.last < 1:
             raise NMTError(f"--last must be at least 1, got {args.last}.")
         if len(found) < args.last:

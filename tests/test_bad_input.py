@@ -245,3 +245,18 @@ def test_a_damaged_run_directory_is_named(debug_run, tmp_path, name, content, ap
                              timeout=300)
         assert_clean_error(out, *fragments)
         assert "objects other than tensors" not in out.stderr  # random bytes are damage, not an unsafe pickle
+
+
+def test_a_checkpoint_of_another_model_names_the_keys_that_differ(debug_run, tmp_path):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    dropped = sorted(state["model"])[0]
+    del state["model"][dropped]
+    torch.save(state, run / "checkpoints" / "best.pt")
+    out = run_cli("nmt-evaluate", f"run={run}")
+    assert_clean_error(out, "best.pt does not fit the model", "Missing key(s)", dropped)

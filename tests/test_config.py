@@ -188,6 +188,18 @@ def test_cfg_flag_prints_the_composed_config_and_does_no_work(capsys):
     assert "hidden_size: 7" in out and "name: debug" in out
 
 
+@pytest.mark.parametrize("argv, word", [(["foo"], "foo"), (["--cfg", "job"], "job"),
+                                        (["experiment=debug", "trainer.max_steps"], "trainer.max_steps")])
+def test_a_word_without_a_value_is_named(argv, word, capsys):
+    calls = []
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: calls.append(cfg), argv)
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert err.startswith(f"nmt: error: {word!r} is not a setting: give settings as key=value")
+    assert "quote" not in err  # not the advice for values with special characters
+
+
 def test_options_other_than_cfg_and_help_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main("train", lambda cfg, cfg_dict: pytest.fail("must not train"), ["--epochs", "3"])

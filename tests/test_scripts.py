@@ -178,3 +178,14 @@ def test_benchmark_table_without_bf16_says_why_and_keeps_the_fp32_rows():
     assert any(row.startswith("| training fp32 | 1,500 target tok/s, MFU 51.6%") for row in table)
     assert not any("bf16 decoding" in row or "training bf16" in row for row in table)
     assert sum("decoding, test2016" in row for row in table) == 2
+
+
+def test_average_checkpoints_names_a_run_directory_that_does_not_exist(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "no-such-run"
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), "--run", str(missing),
+                          "--last", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--run {missing}: no such run directory" in out.stderr
+    assert "0 validation checkpoint" not in out.stderr
