@@ -80,6 +80,15 @@ def read_config(files: RunFiles) -> dict:
     return config
 
 
+def make_directory(path: Path, key: str) -> None:
+    """mkdir -p for a directory the user named with `key`; a path that cannot be one is the user's to fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NMTError(f"{key}={path}: cannot make that directory ({error.strerror}). Choose a path that is not a "
+                       f"file and whose parent you can write to.") from None
+
+
 def write_config(files: RunFiles, cfg_dict: dict) -> None:
     files.run_dir.mkdir(parents=True, exist_ok=True)
     tmp = files.config.with_name(".config.yaml.tmp")

@@ -34,7 +34,7 @@ from nmt.data.sampling import SegmentationSampler, load_segmentation, save_segme
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
-from nmt.errors import Diverged, Interrupted, NMTError
+from nmt.errors import Diverged, Interrupted
 from nmt.loss import cross_entropy_sum
 from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
@@ -42,7 +42,7 @@ from nmt.model.vectors import check_vectors_exist, load_pretrained_, training_wo
 from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
-from nmt.run import RunFiles, check_resumable, write_config
+from nmt.run import RunFiles, check_resumable, make_directory, write_config
 from nmt.runtime import keep_freed_memory, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -672,14 +672,6 @@ def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
         return train_in_session(cfg, cfg_dict, dist)
 
 
-def make_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise NMTError(f"paths.run_dir={run_dir}: cannot make the run directory there ({error.strerror}). "
-                       f"Choose a path that is not a file and whose parent you can write to.") from None
-
-
 def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Path:
     # rank 0's choice, so that a default (timestamped) directory is the same on every rank
     run_dir = dist.broadcast(Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg))
@@ -688,7 +680,7 @@ def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Pat
         setup_logging(None, level=logging.ERROR)  # rank 0 alone logs; the others report only errors
     resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
     if dist.is_main:
-        make_run_dir(run_dir)
+        make_directory(run_dir, "paths.run_dir")
         setup_logging(files.log)
     cfg_dict["paths"]["run_dir"] = str(run_dir)
     # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)

@@ -22,7 +22,7 @@ from nmt.data.corpus import clean_line
 from nmt.decoding import Translation, translate_sentences
 from nmt.errors import NMTError
 from nmt.plots import plot_attention
-from nmt.run import TrainedRun, load_trained
+from nmt.run import TrainedRun, load_trained, make_directory
 from nmt.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger(__name__)
@@ -186,11 +186,7 @@ def translate(cfg: TranslateConfig, cfg_dict: dict | None = None) -> None:
     device = pick_device(cfg.device, "device")
     options = cfg.translate
     if options.attention_dir is not None:
-        try:
-            Path(options.attention_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise NMTError(f"translate.attention_dir={options.attention_dir}: cannot make that directory "
-                           f"({error.strerror}). Choose a directory you can write to.") from None
+        make_directory(Path(options.attention_dir), "translate.attention_dir")
     session = Session(load_trained(cfg.run, options.checkpoint, device, options.ensemble), options, device)
     if options.input is None and options.output is None and sys.stdin.isatty():
         interactive(session)
