@@ -1,5 +1,7 @@
 """Errors that are the user's to fix: the CLI prints them as one paragraph, without a traceback."""
 
+import signal
+
 
 class NMTError(Exception):
     """A problem with the user's input, files or settings; the message says what to do."""
@@ -16,11 +18,17 @@ class ConfigError(NMTError):
 
 
 class Interrupted(NMTError):
-    """Training was stopped by SIGINT or SIGTERM after saving its last checkpoint."""
+    """Training was stopped by SIGINT or SIGTERM after saving its last checkpoint.
 
-    exit_code = 130
+    The exit status is the shell's for that signal, 128 + its number: 130 for Ctrl-C, 143 for SIGTERM.
+    """
+
     label = "stopped"  # not a mistake: the run stopped as asked, and its checkpoint is saved
     every_rank = True
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 class Diverged(NMTError):

@@ -435,7 +435,8 @@ class Trainer:
             self.save("last")
             raise Interrupted(
                 f"Training stopped by {signal.Signals(self.interrupted).name} at step {self.state.step}; "
-                f"{self.files.checkpoint('last')} is saved. Resume with: {resume_command(self.files.run_dir)}"
+                f"{self.files.checkpoint('last')} is saved. Resume with: {resume_command(self.files.run_dir)}",
+                self.interrupted,
             )
         if cfg.average_last:
             self.average_last_validations(cfg.average_last)

@@ -346,6 +346,9 @@ def test_an_error_of_one_rank_is_printed_by_that_rank_with_its_number(monkeypatc
     with pytest.raises(SystemExit) as exit_info:  # every rank stopped alike: rank 0 says it
         main("train", fails(Interrupted("stopped by SIGINT")), [])
     assert exit_info.value.code == 130 and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exit_info:  # the shell's status for the signal: 128 + 15
+        main("train", fails(Interrupted("stopped by SIGTERM", signal.SIGTERM)), [])
+    assert exit_info.value.code == 143 and capsys.readouterr().err == ""
 
 
 def test_a_repeated_sigterm_does_not_abort_the_save_but_a_second_ctrl_c_does():
