@@ -10,6 +10,7 @@ prints them; an error of one rank's own is printed by that rank, naming it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nmt.config import EvaluateConfig, InspectConfig, TrainConfig, TranslateConfig
+from nmt.console import log_to_file
 from nmt.errors import NMTError
 
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig,
@@ -47,8 +49,10 @@ def torchrun_rank() -> int:
 
 
 def print_error(message: str, label: str = "error") -> None:
+    """Print the message as one paragraph, and keep it in the run's log file (train.log) when there is one."""
     text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
     print(f"nmt: {label}: {text}", file=sys.stderr)
+    log_to_file(f"{label}: {text}", logging.ERROR if label == "error" else logging.WARNING)
 
 
 def fail(message: str, exit_code: int = EXIT_USER_ERROR, label: str = "error") -> None:
@@ -199,6 +203,7 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if torchrun_rank() == 0:
             print("nmt: interrupted", file=sys.stderr)
+            log_to_file("interrupted", logging.WARNING)
         sys.exit(130)
 
 

@@ -36,3 +36,12 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file_handler)
+
+
+def log_to_file(text: str, level: int = logging.ERROR) -> None:
+    """Write `text` to the run's log file alone (the console has it already), e.g. the error that ended the run."""
+    root = logging.getLogger("nmt")
+    record = root.makeRecord(root.name, level, __file__, 0, text, None, None)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -10,7 +11,8 @@ from conftest import run_cli
 from nmt.cli import compose_config, main
 from nmt.config import (DecodeConfig, EmbeddingConfig, EvaluateConfig, ModelConfig, TrainConfig, TrainerConfig,
                         TranslateConfig, parse_duration)
-from nmt.errors import ConfigError
+from nmt.console import setup_logging
+from nmt.errors import ConfigError, NMTError
 
 FILES = ["data.train.src=a.de", "data.train.tgt=a.en", "data.val.src=b.de", "data.val.tgt=b.en"]
 
@@ -204,6 +206,27 @@ def test_options_other_than_cfg_and_help_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main("train", lambda cfg, cfg_dict: pytest.fail("must not train"), ["--epochs", "3"])
     assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_the_error_that_ends_a_run_is_also_in_its_log_file(tmp_path, capsys):
+    log_file = tmp_path / "run" / "train.log"
+
+    def task(cfg, cfg_dict):
+        setup_logging(log_file)
+        logging.getLogger("nmt.data").info("downloading")
+        raise NMTError("Could not download train.de.gz.\nPut the file in place by hand.")
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main("train", task, [])
+    finally:
+        setup_logging()  # close the file handler
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "downloading\nnmt: error: Could not download train.de.gz. Put the file in place by hand.\n"
+    lines = log_file.read_text(encoding="utf-8").splitlines()
+    assert [line.split(" ", 3)[2:] for line in lines] == [
+        ["INFO", "downloading"], ["ERROR", "error: Could not download train.de.gz. Put the file in place by hand."]]
 
 
 # --- cross-field checks in __post_init__ ---------------------------------------------------------------

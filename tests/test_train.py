@@ -191,6 +191,7 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(uninterrupted, shared_d
     assert child.returncode == 130, stderr[-3000:]
     assert "nmt: stopped: Training stopped by SIGINT" in stderr and "Resume with" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr and "nmt: error" not in stderr
+    assert "WARNING stopped: Training stopped by SIGINT" in (run_dir / "train.log").read_text(encoding="utf-8")
     stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]
     assert 0 < stopped["step"] < 20
     train(shared_data_dir, run_dir, "trainer.max_epochs=2", "trainer.resume=true")
