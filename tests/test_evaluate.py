@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import sacrebleu
 import torch
 
 from conftest import script_path
@@ -19,12 +20,23 @@ def test_score_matches_sacrebleu_api_on_known_text():
     hyps = ["the cat sat on the mat", "a dog runs"]
     refs = ["the cat sat on the mat", "a dog is running"]
     result = score(hyps, refs)
-    assert 0 < result["bleu"] < 100
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert 0 < result["bleu"] < 100 and 0 < result["chrf"] < 100  # a partial match: neither 0 nor perfect
     assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert "chrF2" in result["chrf_text"]
 
 
-def test_evaluate_writes_files_and_agrees_with_sacrebleu_cli(debug_run, tmp_path):
+@pytest.fixture
+def own_run(debug_run, tmp_path):
+    """A copy of the shared debug run, for tests that write eval/ files into it."""
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    return run
+
+
+def test_evaluate_writes_files_and_agrees_with_sacrebleu_cli(own_run):
+    debug_run = own_run
     out = subprocess.run([script_path("nmt-evaluate"), f"run={debug_run}", "eval.split=val", "eval.beam_size=3"],
                          capture_output=True, text=True, check=True)
     assert "BLEU = " in out.stdout and "nrefs:1|case:mixed" in out.stdout and "chrF2" in out.stdout
@@ -40,7 +52,8 @@ def test_evaluate_writes_files_and_agrees_with_sacrebleu_cli(debug_run, tmp_path
     assert chrf_cli == pytest.approx(round(report["chrf"], 1), abs=1e-9)
 
 
-def test_evaluate_records_the_precision_it_decoded_in(debug_run):
+def test_evaluate_records_the_precision_it_decoded_in(own_run):
+    debug_run = own_run
     out = subprocess.run([script_path("nmt-evaluate"), f"run={debug_run}", "eval.split=val", "eval.beam_size=1",
                           "eval.precision=bf16"], capture_output=True, text=True, check=True)
     report = json.loads((debug_run / "eval" / "val.json").read_text())
@@ -95,15 +108,26 @@ def test_evaluate_an_ensemble_of_checkpoints(debug_run, tmp_path):
     shutil.copytree(debug_run, run)
 
     def evaluate_val(*overrides):
-        subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.split=val", "eval.beam_size=3", *overrides],
-                       capture_output=True, text=True, check=True)
-        return (run / "eval" / "val.hyp").read_text(encoding="utf-8"), json.loads((run / "eval" / "val.json").read_text())
+        """-> the n-best list's (sentence, text, score) entries and the report; scores are the ensemble's log-probabilities."""
+        subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.split=val", "eval.beam_size=3", "eval.n_best=2",
+                        *overrides], capture_output=True, text=True, check=True)
+        entries = [line.split(" ||| ") for line in (run / "eval" / "val.nbest").read_text(encoding="utf-8").splitlines()]
+        return [(int(number), text, float(value)) for number, text, _, value in entries], \
+            json.loads((run / "eval" / "val.json").read_text())
 
     alone, report = evaluate_val()
     assert report["ensemble"] == []
     twice, report = evaluate_val("eval.ensemble=[best]")  # two copies of one model: the same probabilities
-    assert twice == alone
+    assert [entry[:2] for entry in twice] == [entry[:2] for entry in alone]
+    assert [entry[2] for entry in twice] == pytest.approx([entry[2] for entry in alone], abs=1e-3)
     assert report["ensemble"] == [str(run / "checkpoints" / "best.pt")]
+    # with the untrained weights as a member, every hypothesis is scored by the mean of two different distributions
+    mixed, report = evaluate_val("eval.ensemble=[step0]")
+    assert report["ensemble"] == [str(run / "checkpoints" / "step0.pt")]
+    alone_scores = {(number, text): value for number, text, value in alone}
+    mixed_scores = {(number, text): value for number, text, value in mixed}
+    shared = alone_scores.keys() & mixed_scores.keys()  # the same hypothesis of the same sentence
+    assert shared and all(abs(alone_scores[key] - mixed_scores[key]) > 1e-3 for key in shared)
     _, report = evaluate_val("eval.checkpoint=last", "eval.ensemble=[best,step0]")
     assert report["checkpoint"] == str(run / "checkpoints" / "last.pt")
     assert report["ensemble"] == [str(run / "checkpoints" / n) for n in ("best.pt", "step0.pt")]
