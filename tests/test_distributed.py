@@ -20,16 +20,17 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import FAST_DEBUG, run_cli
+from conftest import FAST_DEBUG, TINY_PAIRS, run_cli
 from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
-from nmt.config import ModelConfig, OptimConfig, TrainConfig
+from nmt.config import ModelConfig, OptimConfig, TrainConfig, VocabConfig
 from nmt.data.batching import EncodedCorpus, collate, epoch_batches
-from nmt.data.sampling import load_segmentation
+from nmt.data.sampling import SegmentationSampler, load_segmentation
+from nmt.data.vocab import Vocab
 from nmt.distributed import Distributed, PeerFailed, advance, rank_batches, wrap_model
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import build_model
-from nmt.run import load_trained
+from nmt.run import RunFiles, load_trained
 from nmt.train import Trainer, train_step
 
 # --- each rank's share of the epoch ----------------------------------------------------------------------
@@ -219,12 +220,43 @@ def test_a_two_rank_run_resumed_by_one_process_continues_at_the_right_global_bat
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["world_size"]) == (2 + 6, 1, 0, 1)
 
 
+def _segmentation_worker(rank: int, world_size: int, init_file: str, run_dir: str) -> None:
+    """Trainer.epoch_corpus on one rank of two, with a real vocabulary and sampler; saves what it returned."""
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        vocab = Vocab.load(Path(run_dir), joint=True)
+        src, tgt = [s for s, _ in TINY_PAIRS] * 3, [t for _, t in TINY_PAIRS] * 3
+        best = EncodedCorpus.from_lists(vocab.encode(src, "src"), vocab.encode(tgt, "tgt"))
+        cfg = TrainConfig()
+        cfg.data.subword_alpha = 0.2
+        trainer = SimpleNamespace(cfg=cfg, files=RunFiles(Path(run_dir)), state=SimpleNamespace(epoch=0),
+                                  dist=Distributed(rank, world_size, rank, torch.device("cpu")), data=SimpleNamespace(train=best),
+                                  sampler=SegmentationSampler(best, vocab, cfg.data))
+        corpus = Trainer.epoch_corpus(trainer)
+        np.savez(Path(run_dir) / f"rank{rank}.npz", src_flat=corpus.src_flat, tgt_flat=corpus.tgt_flat)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_every_rank_trains_on_the_segmentation_that_rank0_sampled(tmp_path):
+    run_dir = tmp_path / "run"
+    src, tgt = [s for s, _ in TINY_PAIRS] * 3, [t for _, t in TINY_PAIRS] * 3
+    vocab = Vocab.build(run_dir, src, tgt, VocabConfig(size=60), seed=1)
+    mp.spawn(_segmentation_worker, args=(2, str(tmp_path / "init"), str(run_dir)), nprocs=2, join=True)
+    saved = load_segmentation(run_dir / "segmentation" / "epoch-0001.npz")
+    best = EncodedCorpus.from_lists(vocab.encode(src, "src"), vocab.encode(tgt, "tgt"))
+    for rank in range(2):
+        with np.load(run_dir / f"rank{rank}.npz") as pieces:
+            assert np.array_equal(pieces["src_flat"], saved.src_flat) and np.array_equal(pieces["tgt_flat"], saved.tgt_flat)
+    assert not np.array_equal(saved.src_flat, best.src_flat)  # sampled, not the best segmentation
+
+
 def test_two_ranks_train_on_one_sampled_segmentation_and_a_resume_reads_it_back(shared_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     sampled = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", "data.subword_alpha=0.2"]
     out = torchrun(*sampled, "trainer.max_steps=2")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stderr.count("segmentation sampled") == 1  # rank 0 draws it; rank 1 reads the file
+    assert out.stderr.count("segmentation sampled") == 1  # drawn once (that every rank reads it: the test above)
     out = run_cli("nmt-train", *sampled, "trainer.resume=true")
     assert out.returncode == 0, out.stderr[-4000:]
     assert "segmentation sampled" not in out.stderr and "sampled for it before" in out.stderr
