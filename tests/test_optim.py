@@ -112,7 +112,8 @@ def test_unfreezing_adds_the_tables_to_optimizer_and_scheduler(scheduler, sparse
     assert unfreeze_embeddings(model, optimizer, lr_scheduler) == 0  # once only
     assert not frozen_embeddings(model)
     assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["lr"] == optimizer.param_groups[0]["lr"]
-    for step in range(3):
+    lrs = []
+    for step in range(4):
         optimizer.zero_grad()
         loss_of(model, step).backward()
         optimizer.step()
@@ -121,9 +122,16 @@ def test_unfreezing_adds_the_tables_to_optimizer_and_scheduler(scheduler, sparse
         elif scheduler == "linear":
             lr_scheduler.update(step + 1, (step + 1) / 4)
         else:
-            lr_scheduler.step(1.0)  # plateau: no improvement
-        assert optimizer.param_groups[0]["lr"] < cfg.optim.lr or scheduler != "linear"
-        assert optimizer.param_groups[1]["lr"] == optimizer.param_groups[0]["lr"]
+            lr_scheduler.step(1.0)  # plateau: the first validation sets the best, the others do not improve on it
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[1]["lr"] == lrs[-1]  # the unfrozen tables follow the schedule
+    lr = cfg.optim.lr
+    if scheduler == "inverse_sqrt":  # warming up over 4 steps
+        assert lrs[0] < lrs[1] < lrs[2] <= lr
+    elif scheduler == "plateau":  # lowered after optim.patience=2 validations without improvement
+        assert lrs[:3] == [lr] * 3 and lrs[3] == pytest.approx(lr * cfg.optim.factor)
+    else:  # linear: falling with the share of the time used
+        assert max(lrs) < lr and lrs[3] < lrs[0]
     assert not torch.equal(model.src_embed.weight, frozen)
     # the optimizer and scheduler states load into a run that unfroze the same way (a resume)
     clone = build_model(cfg.model, V, V)
