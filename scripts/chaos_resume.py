@@ -5,10 +5,14 @@ an uninterrupted run of the same config, tensor by tensor.
     python scripts/chaos_resume.py --data-dir ../shared/data --kills 5 --out chaos.json
 
 The run is `nmt-train experiment=debug` (plus any overrides given after `--`). One kill is aimed at a
-checkpoint write: the script watches for the temporary file that `save_checkpoint` writes and kills the
-moment it appears. The others land at random times. After the last kill the run is resumed to the end,
-then the final "model" tensors of checkpoints/last.pt and best.pt are compared with torch.equal.
-Exit status: 0 when every tensor is equal, 1 otherwise.
+write of checkpoints/last.pt that replaces an earlier one: the script watches for the temporary file
+that `save_checkpoint` writes and kills the moment it appears, so the resume must start from the last.pt
+before it. The others land at random times within what is left of the run (the
+reference run's duration times the share of its steps still to train). A run that still ends before
+its kill is started again from scratch, and the kills are counted anew, so that the reported kills
+are those the final result lived through. After the last kill the run is resumed to the end, then the
+final "model" tensors of checkpoints/last.pt and best.pt are compared with torch.equal.
+Exit status: 0 when every tensor is equal, 1 otherwise, 2 when a run failed or kept ending first.
 """
 
 from __future__ import annotations
@@ -75,16 +79,19 @@ def saved_step(run_dir: Path) -> int | None:
     return None
 
 
-def kill_after(process: subprocess.Popen, run_dir: Path, delay: float, at_checkpoint_write: bool) -> str:
-    """Wait `delay` seconds (or for a checkpoint write to begin) and SIGKILL the whole process group.
+AIMED_AT = "last.pt"  # the checkpoint whose write the aimed kill tears, when an earlier one stands
 
-    Returns what happened: "killed", "killed while writing last.pt" (say), or "finished" when the run
+
+def kill_after(process: subprocess.Popen, run_dir: Path, delay: float, at_checkpoint_write: bool) -> str:
+    """Wait `delay` seconds (or for a write of AIMED_AT over an earlier one to begin) and SIGKILL the process group.
+
+    Returns what happened: "killed", "killed while writing last.pt", or "finished" when the run
     ended on its own first.
     """
     deadline = time.monotonic() + delay
     while process.poll() is None:
         writing = checkpoint_being_written(run_dir) if at_checkpoint_write else None
-        if writing:
+        if writing == AIMED_AT and (run_dir / "checkpoints" / AIMED_AT).exists():
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             return f"killed while writing {writing}"
@@ -124,30 +131,36 @@ def main() -> int:
         print(done.stderr[-3000:], file=sys.stderr)
         return 2
     reference_seconds = time.monotonic() - started
-    print(f"  finished in {reference_seconds:.1f} s", flush=True)
+    total_steps = saved_step(reference)
+    print(f"  finished in {reference_seconds:.1f} s, {total_steps} steps", flush=True)
 
-    # One kill, chosen at random among the N, waits for a checkpoint write; the others fire at a random
-    # time within the reference run's duration.
+    # One kill, chosen at random among the N, waits for a write of last.pt; the others fire at a random
+    # time within the part of the run that is left.
     aimed = rng.randrange(args.kills) if args.kills else -1
     events, log_path = [], workdir / "chaos.log"
-    attempt = 0
-    killed = 0
+    killed, step, restarts = 0, None, 0
     while killed < args.kills:
-        resume = attempt > 0
         at_write = killed == aimed
-        delay = rng.uniform(0.5, reference_seconds)
-        process = start(train_command(args.data_dir, chaos, args.overrides, resume), log_path)
+        left = 1 - (step or 0) / max(1, total_steps)
+        delay = rng.uniform(0.5, max(1.0, reference_seconds * left))
+        process = start(train_command(args.data_dir, chaos, args.overrides, killed > 0), log_path)
         outcome = kill_after(process, chaos, delay, at_write)
-        attempt += 1
         if outcome == "finished":
             if process.returncode != 0:
                 print(f"the run failed (exit {process.returncode}); see {log_path}", file=sys.stderr)
                 return 2
-            # It ended before the kill: start the next attempt from scratch so the remaining kills still land.
+            # It ended before the kill: start again from scratch, and count the kills anew, so that
+            # the kills reported are the ones the final run lived through.
+            restarts += 1
+            if restarts > 5:
+                print("the run ended before its kill 6 times; is the machine much faster or slower than during "
+                      "the reference run?", file=sys.stderr)
+                return 2
             shutil.rmtree(chaos)
-            attempt = 0
+            killed, step = 0, None
             events.append({"outcome": "finished before the kill; restarted from scratch", "delay_s": round(delay, 2)})
-            print(f"the run finished before its kill at {delay:.1f} s; starting it again from scratch", flush=True)
+            print(f"the run finished before its kill at {delay:.1f} s; starting it again from scratch, "
+                  f"with the kills counted anew", flush=True)
             continue
         killed += 1
         step = saved_step(chaos)
@@ -163,7 +176,7 @@ def main() -> int:
         return 2
     comparison = compare(reference, chaos)
     equal = all(c["equal"] for c in comparison.values())
-    result = {"kills": killed, "events": events, "reference_seconds": round(reference_seconds, 1),
+    result = {"kills": killed, "restarts": restarts, "events": events, "reference_seconds": round(reference_seconds, 1),
               "overrides": ["experiment=debug", *args.overrides], "checkpoints": comparison, "all_equal": equal}
     print(f"survived {killed} SIGKILLs; final 'model' tensors equal to the uninterrupted run: "
           f"{'yes, all ' + str(comparison['last']['tensors']) if equal else 'NO'} "

@@ -18,5 +18,9 @@ def test_chaos_resume_survives_kills_and_ends_bit_exact(shared_data_dir, tmp_pat
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out_json.read_text())
     assert result["kills"] == 3 and result["all_equal"]
-    assert any("while writing" in e["outcome"] for e in result["events"])
+    restarted = [i for i, e in enumerate(result["events"]) if "from scratch" in e["outcome"]]
+    lived = result["events"][restarted[-1] + 1 if restarted else 0:]  # the kills the final run lived through
+    assert len(lived) == 3 and all(e["outcome"].startswith("killed") for e in lived)
+    torn = [e for e in lived if e["outcome"] == "killed while writing last.pt"]
+    assert len(torn) == 1 and torn[0]["resumable_from_step"] > 0  # resumed from the last.pt before the torn one
     assert "survived 3 SIGKILLs" in out.stdout
