@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 FIXED_ON_RESUME = ("data", "model")
 # ... except these, which change how the work is done but not its result.
 FREE_ON_RESUME = ("data.encode_workers",)
+# ... and these, read only when a run starts: a resume takes the weights from its checkpoint, so the file
+# may have moved or gone (the run's config.yaml keeps the path it started from).
+READ_AT_START = ("model.embeddings.src_vectors", "model.embeddings.tgt_vectors")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class RunFiles:
 
     def segmentations(self) -> list[Path]:
         return sorted((self.run_dir / "segmentation").glob("epoch-*.npz"))
+
+    def has_checkpoint(self) -> bool:
+        """Whether there is a last.pt (or the last.pt it replaced) to resume from."""
+        return self.checkpoint("last").exists() or previous_path(self.checkpoint("last")).exists()
 
     def validation_checkpoints(self) -> list[Path]:
         """The kept checkpoints/val-STEP.pt (trainer.keep_checkpoints), oldest first."""
@@ -120,16 +127,22 @@ def check_resumable(files: RunFiles, resume: bool, cfg_dict: dict) -> bool:
             f"trainer.resume=true, or choose a new paths.run_dir; nothing was overwritten."
         )
     saved = read_config(files)
+    started = files.has_checkpoint()
+    free = (*FREE_ON_RESUME, *READ_AT_START) if started else FREE_ON_RESUME
     changed = [d for section in FIXED_ON_RESUME for d in _differences(saved.get(section, {}), cfg_dict[section], f"{section}.")
-               if not d.startswith(tuple(f"{key} " for key in FREE_ON_RESUME))]
+               if not d.startswith(tuple(f"{key} " for key in free))]
     if changed:
         raise NMTError(
             f"Cannot resume {files.run_dir} with different data or model settings: {'; '.join(changed)}. "
             f"Resume with the original settings, or start a new run in another paths.run_dir."
         )
-    if not files.checkpoint("last").exists() and not previous_path(files.checkpoint("last")).exists():
+    if not started:
         log.warning("%s has no checkpoint yet; starting from the beginning", files.run_dir)
         return False
+    embeddings, started_with = cfg_dict["model"]["embeddings"], saved.get("model", {}).get("embeddings", {})
+    for key in READ_AT_START:  # the record keeps the files the run started from
+        name = key.rsplit(".", 1)[1]
+        embeddings[name] = started_with.get(name)
     return True
 
 

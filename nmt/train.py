@@ -71,11 +71,12 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 # --- model and optimiser -----------------------------------------------------------------------------
 
-def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData) -> None:
-    """Load pretrained vectors (logging coverage) and freeze the chosen sides."""
+def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData, load_vectors: bool = True) -> None:
+    """Load pretrained vectors (logging coverage; not when resuming: the checkpoint has the weights) and
+    freeze the chosen sides."""
     emb = cfg.model.embeddings
     for side, path in (("src", emb.src_vectors), ("tgt", emb.tgt_vectors)):
-        if path is None or (side == "tgt" and cfg.model.tie_src_tgt and path == emb.src_vectors):
+        if not load_vectors or path is None or (side == "tgt" and cfg.model.tie_src_tgt and path == emb.src_vectors):
             continue  # (tied: the one shared matrix is loaded already)
         module = model.src_embed if side == "src" else model.tgt_embed
         pieces = [data.vocab.side(side).id_to_piece(i) for i in range(data.vocab.size(side))]
@@ -295,7 +296,8 @@ def restore(checkpoint: dict, model, optimizer, scheduler, dist: Distributed = S
 class Trainer:
     """Holds what the loop needs; `run` reads top to bottom."""
 
-    def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles, dist: Distributed | None = None):
+    def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles, dist: Distributed | None = None,
+                 resuming: bool = False):
         self.created = time.monotonic()
         self.cfg, self.cfg_dict, self.files = cfg, cfg_dict, files
         self.dist = dist or Distributed(device=pick_device(cfg.trainer.device))
@@ -309,7 +311,7 @@ class Trainer:
         self.sampler = (SegmentationSampler(self.data.train, self.data.vocab, cfg.data)
                         if cfg.data.subword_alpha and self.dist.is_main else None)
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
-        setup_embeddings(self.model, cfg, self.data)
+        setup_embeddings(self.model, cfg, self.data, load_vectors=not resuming)
         self.model.to(self.device)
         compiled = cfg.trainer.compile and compile_decoder_step(self.model)
         self.train_model = wrap_model(self.model, self.dist)  # what the steps call: DDP under torchrun
@@ -664,7 +666,9 @@ def resume_command(run_dir: Path) -> str:
 
 def train(cfg: TrainConfig, cfg_dict: dict) -> Path:
     """Train as configured; returns the run directory. Under torchrun, every rank calls this."""
-    check_vectors_exist(cfg.model.embeddings.src_vectors, cfg.model.embeddings.tgt_vectors)  # before minutes of data work
+    if not (cfg.trainer.resume and cfg.paths.run_dir and RunFiles(Path(cfg.paths.run_dir)).has_checkpoint()):
+        # before minutes of data work; a resume takes the weights from its checkpoint and reads no vectors
+        check_vectors_exist(cfg.model.embeddings.src_vectors, cfg.model.embeddings.tgt_vectors)
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()  # process-wide, before the first large allocation
     with distributed.session(cfg.trainer.device, cfg.trainer.dist_timeout_seconds) as dist:
@@ -688,7 +692,7 @@ def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Pat
     cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    trainer = Trainer(cfg, cfg_dict, files, dist)
+    trainer = Trainer(cfg, cfg_dict, files, dist, resuming)
     if dist.is_main:
         write_config(files, cfg_dict)  # only once the data is ready, so a failed start leaves no "run" behind
     trainer.run(resuming)

@@ -162,8 +162,11 @@ def test_bad_vectors_files_name_file_and_line(corpus, tmp_path, content, fragmen
 def test_a_missing_vectors_file_names_it(corpus, tmp_path):
     out = nmt_train(corpus, tmp_path / "run", corpus / "train.de", corpus / "train.en",
                     f"model.embeddings.src_vectors={tmp_path / 'none.vec'}")
-    assert_clean_error(out, "none.vec")
+    assert_clean_error(out, "none.vec (model.embeddings.src_vectors) does not exist")
     assert not list((tmp_path / "run").glob("spm.*"))  # refused before the vocabulary was trained
+    out = nmt_train(corpus, tmp_path / "run", corpus / "train.de", corpus / "train.en",
+                    f"model.embeddings.tgt_vectors={tmp_path}")
+    assert_clean_error(out, f"{tmp_path} (model.embeddings.tgt_vectors) is a directory, not a vectors file")
 
 
 # --- an existing run directory ---------------------------------------------------------------------------------

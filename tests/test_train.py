@@ -252,6 +252,25 @@ def test_pretrained_source_vectors_are_loaded_and_frozen(shared_data_dir, tmp_pa
     assert not torch.equal(last[TGT_EMBED], step0[TGT_EMBED])  # the target side trained
 
 
+def test_a_run_started_from_vectors_resumes_without_the_vectors_file(shared_data_dir, tmp_path):
+    vectors_file = tmp_path / "vectors.de.txt"
+    vectors = write_vectors(vectors_file, EMBEDDING_DIM)
+    run_dir = tmp_path / "run"
+    started = [f"model.embeddings.src_vectors={vectors_file}", "model.embeddings.freeze=src"]
+    train(shared_data_dir, run_dir, *started, "trainer.max_epochs=1")
+    vectors_file.unlink()  # moved or deleted after the start: the weights are in the checkpoint
+    for resume, epochs in ((started, 2), (["model.embeddings.freeze=src"], 3)):  # the same settings, then without the file
+        out = train(shared_data_dir, run_dir, *resume, f"trainer.max_epochs={epochs}", "trainer.resume=true")
+        assert "coverage: src vectors" not in out.stderr  # nothing read
+        assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["epoch"] == epochs
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        assert saved["model"]["embeddings"]["src_vectors"] == str(vectors_file)  # the record keeps where it started
+    mann = spm.SentencePieceProcessor(model_file=str(run_dir / "spm.joint.model")).piece_to_id("\u2581Mann")
+    assert torch.equal(weights(run_dir, "last")[SRC_EMBED][mann], vectors["Mann"])
+    out = train(shared_data_dir, tmp_path / "fresh", *started, check=False)  # a new run does need the file
+    assert out.returncode == 2 and "vectors.de.txt (model.embeddings.src_vectors) does not exist" in out.stderr
+
+
 def test_vectors_of_the_wrong_dimension_are_a_clean_error(shared_data_dir, tmp_path):
     vectors_file = tmp_path / "vectors.txt"
     write_vectors(vectors_file, 7)

@@ -40,15 +40,17 @@ CHUNK = 1 << 20  # bytes read at a time from a binary file
 
 # --- reading --------------------------------------------------------------------------------------------
 
-def _missing(path: Path) -> NMTError:
-    return NMTError(f"The vectors file {path} does not exist (model.embeddings.src_vectors / tgt_vectors).")
+def _missing(path: Path, key: str = "model.embeddings.src_vectors / tgt_vectors") -> NMTError:
+    what = "is a directory, not a vectors file" if path.is_dir() else "does not exist"
+    return NMTError(f"The vectors file {path} ({key}) {what}. Give a word2vec (text or binary), GloVe or fastText "
+                    f".vec file.")
 
 
-def check_vectors_exist(*paths: str | None) -> None:
-    """Fail before any data preparation when a configured vectors file is missing."""
-    for path in paths:
+def check_vectors_exist(src_vectors: str | None, tgt_vectors: str | None) -> None:
+    """Fail before any data preparation when a configured vectors file is missing, naming its key."""
+    for side, path in (("src", src_vectors), ("tgt", tgt_vectors)):
         if path is not None and not Path(path).is_file():
-            raise _missing(Path(path))
+            raise _missing(Path(path), f"model.embeddings.{side}_vectors")
 
 
 def _all_numbers(fields: list[str]) -> bool:
