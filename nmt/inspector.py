@@ -26,7 +26,7 @@ from nmt.errors import NMTError
 from nmt.model.drift import embedding_key
 from nmt.model.vectors import WORD_START, write_vectors
 from nmt.plots import plot_embedding_map
-from nmt.run import TrainedRun, load_trained
+from nmt.run import TrainedRun, check_output_file, load_trained
 
 
 @dataclass
@@ -177,6 +177,9 @@ def plot_map(table: EmbeddingTable, counts: torch.Tensor, count: int, path: Path
 
 def inspect_embeddings(cfg: InspectConfig, cfg_dict: dict | None = None) -> None:
     setup_logging()
+    for key in ("export", "plot"):
+        if getattr(cfg, key):
+            check_output_file(Path(getattr(cfg, key)), key)
     run = load_trained(cfg.run, cfg.checkpoint, torch.device("cpu"))
     table = load_table(run, cfg.side)
     where = run.checkpoint.name

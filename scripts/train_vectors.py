@@ -37,7 +37,7 @@ from nmt.data.pipeline import prepare_training_data
 from nmt.data.vocab import SPECIAL_IDS
 from nmt.errors import NMTError
 from nmt.model.vectors import write_vectors
-from nmt.run import RunFiles, read_config
+from nmt.run import RunFiles, check_output_file, read_config
 
 log = logging.getLogger("nmt.train_vectors")
 
@@ -72,7 +72,11 @@ def training_corpus(args: argparse.Namespace, work_dir: Path) -> tuple[np.ndarra
     if args.run:
         if args.overrides:
             raise NMTError("Give either --run DIR or nmt-train overrides, not both.")
-        saved = read_config(RunFiles(Path(args.run)))
+        files = RunFiles(Path(args.run))
+        if not files.config.exists():
+            raise NMTError(f"--run {args.run} is not a training run: it has no config.yaml. Pass --run DIR with the "
+                           f"paths.run_dir of a run made by nmt-train.")
+        saved = read_config(files)
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
         spm_dir = Path(args.run)
     else:
@@ -156,6 +160,10 @@ def show_neighbours(vectors: torch.Tensor, pieces: list[str], ids: list[int], k:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
+    check_output_file(Path(args.out), "--out")  # before minutes of training
+    if args.dim is not None and args.dim < 1:
+        raise NMTError(f"--dim {args.dim}: the vectors need a size of at least 1 (or leave --dim out for the "
+                       f"config's model.embedding_dim).")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

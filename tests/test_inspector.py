@@ -113,6 +113,17 @@ def test_mistakes_end_in_one_clear_line(debug_run, args, message):
     assert out.stderr.startswith("nmt: error:") and message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(debug_run, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x\n", encoding="utf-8")
+    for args, message in (([f"export={tmp_path}"], f"export={tmp_path} is a directory"),
+                          ([f"plot={blocker / 'map.png'}"], f"its directory {blocker} is a file"),
+                          ([f"export={tmp_path / 'no' / 'v.txt'}"], f"its directory {tmp_path / 'no'} does not exist")):
+        out = run_cli("nmt-embeddings", f"run={debug_run}", *args)
+        assert out.returncode == 2 and out.stderr.startswith("nmt: error:"), out.stderr[-2000:]
+        assert message in out.stderr and "Traceback" not in out.stderr
+
+
 def test_free_text_values_are_quoted_for_hydra():
     assert quote_free_text(["query=Männer", "k=3", "analogy=a - b + c", "query='▁Hund'", "query=it's"],
                            ("query", "analogy")) == [

@@ -34,6 +34,18 @@ def test_train_vectors_on_a_finished_run_writes_its_pieces(debug_run, tmp_path):
     assert summary["pieces"] == len(vectors) and summary["epochs"] == 2
 
 
+def test_train_vectors_refuses_bad_arguments_before_training(debug_run, tmp_path):
+    script = str(SCRIPTS / "train_vectors.py")
+    for args, message in ((["--run", str(debug_run), "--out", str(tmp_path)], f"--out={tmp_path} is a directory"),
+                          (["--run", str(debug_run), "--dim", "0", "--out", str(tmp_path / "v.txt")], "--dim 0"),
+                          (["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "v.txt")],
+                           "Pass --run DIR")):
+        out = run_cli(sys.executable, script, *args)
+        assert out.returncode == 2 and out.stderr.startswith("nmt: error:"), out.stderr[-2000:]
+        assert message in out.stderr and "Traceback" not in out.stderr and "skip-gram" not in out.stderr
+    assert not (tmp_path / "v.txt").exists()
+
+
 def test_skipgram_learns_from_context():
     """Two pieces that share every context end up closer than two that share none."""
     sys.path.insert(0, str(SCRIPTS))
