@@ -26,7 +26,7 @@ from nmt.errors import NMTError
 from nmt.model.drift import embedding_key
 from nmt.model.vectors import WORD_START, write_vectors
 from nmt.plots import plot_embedding_map
-from nmt.run import TrainedRun, check_output_file, load_trained
+from nmt.run import TrainedRun, load_trained, prepare_output_file
 
 
 @dataclass
@@ -179,7 +179,7 @@ def inspect_embeddings(cfg: InspectConfig, cfg_dict: dict | None = None) -> None
     setup_logging()
     for key in ("export", "plot"):
         if getattr(cfg, key):
-            check_output_file(Path(getattr(cfg, key)), key)
+            prepare_output_file(Path(getattr(cfg, key)), key)
     run = load_trained(cfg.run, cfg.checkpoint, torch.device("cpu"))
     table = load_table(run, cfg.side)
     where = run.checkpoint.name

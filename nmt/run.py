@@ -96,17 +96,18 @@ def make_directory(path: Path, key: str) -> None:
                        f"file and whose parent you can write to.") from None
 
 
-def check_output_file(path: Path, key: str) -> None:
-    """Refuse, before any work, a file the user named with `key` that could not be written: a directory, or a
-    path whose directory is missing, is a file, or is read-only."""
+def prepare_output_file(path: Path, key: str) -> None:
+    """Before any work, make the directory of a file the user named with `key`, or refuse a path that could
+    not be written: a directory, one under a file, or one in a read-only directory."""
     if path.is_dir():
         raise NMTError(f"{key}={path} is a directory; give the path of a file to write.")
-    folder = path.parent
-    if not folder.is_dir():
-        what = "is a file" if folder.exists() else "does not exist"
-        raise NMTError(f"{key}={path}: its directory {folder} {what}. Give a file path in an existing directory.")
-    if not os.access(folder, os.W_OK):
-        raise NMTError(f"{key}={path}: cannot write in {folder} (permission denied). Choose another path.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NMTError(f"{key}={path}: cannot make its directory {path.parent} ({error.strerror}). Choose a path "
+                       f"that is not under a file and whose parent you can write to.") from None
+    if not os.access(path.parent, os.W_OK):
+        raise NMTError(f"{key}={path}: cannot write in {path.parent} (permission denied). Choose another path.")
 
 
 def write_config(files: RunFiles, cfg_dict: dict) -> None:

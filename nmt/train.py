@@ -71,6 +71,9 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 # --- model and optimiser -----------------------------------------------------------------------------
 
+FROZEN_COVERAGE = 0.9  # a frozen table whose vectors cover fewer of the training tokens is pointed out
+
+
 def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData, load_vectors: bool = True) -> None:
     """Load pretrained vectors (logging coverage; not when resuming: the checkpoint has the weights) and
     freeze the chosen sides."""
@@ -87,6 +90,13 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData, load_
         coverage = load_pretrained_(module.weight, pieces, Path(path), SPECIAL_IDS, data.token_counts(side),
                                     fmt=emb.vectors_format, lowercase=emb.vectors_lowercase, words=words)
         log.info("coverage: %s", coverage.line(side, Path(path)))
+        uncovered = 1 - coverage.token_share if coverage.token_share is not None else 0.0
+        if emb.freeze in (side, "both") and uncovered > 1 - FROZEN_COVERAGE and not emb.unfreeze_after:
+            log.warning("model.embeddings.freeze=%s: %.1f%% of the %s training tokens are pieces without a vector, "
+                        "whose rows stay at their random initial values for the whole run. Use vectors that match "
+                        "the vocabulary (scripts/train_vectors.py, or model.embeddings.vectors_lowercase / "
+                        "vectors_subword_mean), set model.embeddings.unfreeze_after, or leave this side trainable.",
+                        emb.freeze, 100 * uncovered, side)
     if emb.freeze in ("src", "both"):
         model.src_embed.weight.requires_grad_(False)
     if emb.freeze in ("tgt", "both"):
@@ -312,6 +322,11 @@ class Trainer:
                         if cfg.data.subword_alpha and self.dist.is_main else None)
         self.model = build_model(cfg.model, self.data.vocab.size("src"), self.data.vocab.size("tgt"))
         setup_embeddings(self.model, cfg, self.data, load_vectors=not resuming)
+        after, max_steps = cfg.model.embeddings.unfreeze_after, cfg.trainer.max_steps
+        if after and max_steps and after >= max_steps:
+            log.warning("model.embeddings.unfreeze_after=%d is not below trainer.max_steps=%d: the frozen embeddings "
+                        "(model.embeddings.freeze=%s) will stay frozen for the whole run", after, max_steps,
+                        cfg.model.embeddings.freeze)
         self.model.to(self.device)
         compiled = cfg.trainer.compile and compile_decoder_step(self.model)
         self.train_model = wrap_model(self.model, self.dist)  # what the steps call: DDP under torchrun
@@ -445,6 +460,10 @@ class Trainer:
         best = "none" if self.state.best_metric is None else f"{self.state.best_metric:.4g}"
         log.info("training stopped: %s; best dev %s %s; run directory %s", self.state.stop_reason,
                  cfg.early_stopping_metric, best, self.files.run_dir)
+        after = self.cfg.model.embeddings.unfreeze_after
+        if after and self.state.step < after:
+            log.warning("the embeddings stayed frozen for the whole run: model.embeddings.unfreeze_after=%d was not "
+                        "reached in %d updates", after, self.state.step)
         return self.state
 
     def train_epoch(self, started: float, max_seconds: float | None) -> None:

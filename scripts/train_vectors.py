@@ -37,7 +37,7 @@ from nmt.data.pipeline import prepare_training_data
 from nmt.data.vocab import SPECIAL_IDS
 from nmt.errors import NMTError
 from nmt.model.vectors import write_vectors
-from nmt.run import RunFiles, check_output_file, read_config
+from nmt.run import RunFiles, prepare_output_file, read_config
 
 log = logging.getLogger("nmt.train_vectors")
 
@@ -160,7 +160,7 @@ def show_neighbours(vectors: torch.Tensor, pieces: list[str], ids: list[int], k:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    check_output_file(Path(args.out), "--out")  # before minutes of training
+    prepare_output_file(Path(args.out), "--out")  # before minutes of training
     if args.dim is not None and args.dim < 1:
         raise NMTError(f"--dim {args.dim}: the vectors need a size of at least 1 (or leave --dim out for the "
                        f"config's model.embedding_dim).")

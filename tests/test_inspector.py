@@ -117,11 +117,13 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(debug_r
     blocker = tmp_path / "afile"
     blocker.write_text("x\n", encoding="utf-8")
     for args, message in (([f"export={tmp_path}"], f"export={tmp_path} is a directory"),
-                          ([f"plot={blocker / 'map.png'}"], f"its directory {blocker} is a file"),
-                          ([f"export={tmp_path / 'no' / 'v.txt'}"], f"its directory {tmp_path / 'no'} does not exist")):
+                          ([f"plot={blocker / 'map.png'}"], f"cannot make its directory {blocker}")):
         out = run_cli("nmt-embeddings", f"run={debug_run}", *args)
         assert out.returncode == 2 and out.stderr.startswith("nmt: error:"), out.stderr[-2000:]
         assert message in out.stderr and "Traceback" not in out.stderr
+    exported = tmp_path / "new" / "dir" / "src.vec"  # a new directory is made, as for paths.run_dir
+    out = run_cli("nmt-embeddings", f"run={debug_run}", f"export={exported}")
+    assert out.returncode == 0 and exported.is_file(), out.stderr[-2000:]
 
 
 def test_free_text_values_are_quoted_for_hydra():

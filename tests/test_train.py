@@ -378,6 +378,15 @@ def test_script_vectors_load_frozen_and_export_bit_for_bit(shared_data_dir, tmp_
     assert torch.equal(weights(run_dir, "last")[SRC_EMBED], weights(run_dir, "step0")[SRC_EMBED])
 
 
+def test_unfreeze_after_beyond_the_run_is_pointed_out(shared_data_dir, tmp_path):
+    out = train(shared_data_dir, tmp_path / "run", "model.embeddings.freeze=src", "model.embeddings.unfreeze_after=10",
+                "trainer.max_steps=3")
+    assert ("model.embeddings.unfreeze_after=10 is not below trainer.max_steps=3: the frozen embeddings "
+            "(model.embeddings.freeze=src) will stay frozen for the whole run") in out.stderr
+    assert "stayed frozen for the whole run: model.embeddings.unfreeze_after=10 was not reached in 3 updates" in out.stderr
+    assert torch.equal(weights(tmp_path / "run", "last")[SRC_EMBED], weights(tmp_path / "run", "step0")[SRC_EMBED])
+
+
 UNFREEZE = ["model.embeddings.freeze=src", "model.embeddings.unfreeze_after=4", "trainer.validate_every=2"]
 
 

@@ -124,6 +124,23 @@ def test_an_explicit_format_that_does_not_fit_is_a_clear_error(tmp_path):
         read_vectors(glove, fmt="word2vec_binary")
 
 
+def test_a_word2vec_file_read_as_glove_is_told_to_change_the_format(tmp_path):
+    w2v = write(tmp_path / "w2v.txt", "2 3\nhaus 1 2 3\nhund 0.5 -1 2e-1\n")
+    with pytest.raises(NMTError, match=r"w2v.txt, line 1: '2 3' is a word2vec header.*vectors_format=word2vec_text"):
+        read_vectors(w2v, fmt="glove", expected_dim=3)
+    with pytest.raises(NMTError, match=r"w2v.txt, line 1: '2 3' is a word2vec header"):  # found at line 2
+        read_vectors(w2v, fmt="glove")
+
+
+def test_a_text_file_with_fewer_vectors_than_its_header_promises_is_pointed_out(tmp_path, caplog):
+    cut = write(tmp_path / "cut.txt", "5 3\nhaus 1 2 3\nhund 0.5 -1 2e-1\n\n")  # a download cut short
+    assert read_vectors(cut).keys() == {"haus", "hund"}
+    assert "cut.txt: its header promises 5 vectors, but it holds 2" in caplog.text
+    caplog.clear()
+    read_vectors(write(tmp_path / "whole.txt", "2 3\nhaus 1 2 3\nhund 0.5 -1 2e-1\n\n"))  # a blank last line is no vector
+    assert "promises" not in caplog.text
+
+
 def test_a_truncated_binary_file_names_the_vector_and_byte(tmp_path):
     words, vectors = random_vectors(5, 4)
     path = tmp_path / "v.bin"
@@ -230,6 +247,14 @@ def test_setup_embeddings_reports_coverage_per_side_and_loads_a_shared_table_onc
         assert f"2/{data.vocab.size(side) - 4} pieces covered" in line and f"{100 * share:.1f}% of training" in line
     assert net.src_embed.weight[chosen["src"][1]].tolist() == [2, 2]
     assert net.tgt_embed.weight[chosen["tgt"][0]].tolist() == [3, 3]
+    assert "rows stay at their random initial values" not in caplog.text  # trainable: nothing to point out
     net, lines = setup(tie_src_tgt=True, embeddings=EmbeddingConfig(src_vectors=str(german), tgt_vectors=str(german)))
     assert len(lines) == 1 and lines[0].startswith("coverage: src vectors")  # one shared table: loaded once
     assert net.tgt_embed.weight[chosen["src"][1]].tolist() == [2, 2]
+    # frozen, with vectors for two pieces: most training tokens keep random rows for good, and the log says so
+    setup(embeddings=EmbeddingConfig(src_vectors=str(german), freeze="src"))
+    share = float(counts["src"][chosen["src"]].sum() / counts["src"].sum())
+    assert (f"model.embeddings.freeze=src: {100 * (1 - share):.1f}% of the src training tokens are pieces without a "
+            f"vector") in caplog.text
+    setup(embeddings=EmbeddingConfig(src_vectors=str(german), freeze="src", unfreeze_after=5))
+    assert "rows stay at their random initial values" not in caplog.text  # they will train later

@@ -104,18 +104,20 @@ def _check_finite(path: Path, where: str, word: str, vector: torch.Tensor) -> to
 def _text_vectors(handle: BinaryIO, path: Path, fmt: str, dim: int | None, keep,
                   bar) -> Iterator[tuple[str, torch.Tensor]]:
     """(word, vector) for every kept line of a word2vec_text or glove file, checking every line's shape."""
-    expected = dim
+    expected, promised, seen, header_like = dim, None, 0, ""
     for number, raw in enumerate(handle, start=1):
         bar.update(len(raw))
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n").rstrip(" ")
         fields = line.split(" ")
+        if number == 1 and fmt == "glove" and len(fields) == 2 and all(f.isdigit() for f in fields):
+            header_like = line  # a word "2" with the one value 3, or a word2vec header read as GloVe
         if number == 1 and fmt == "word2vec_text":
             if not (len(fields) == 2 and all(f.isdigit() for f in fields)):
                 raise NMTError(
                     f"{path}, line 1: expected the word2vec header 'count dim', got {raw[:60]!r}. For a file "
                     f"without a header (GloVe), set model.embeddings.vectors_format=glove (or auto)."
                 )
-            header_dim = int(fields[1])
+            promised, header_dim = int(fields[0]), int(fields[1])
             if dim is not None and header_dim != dim:
                 raise _dim_error(path, "line 1 (header)", header_dim, dim)
             dim = header_dim
@@ -127,12 +129,18 @@ def _text_vectors(handle: BinaryIO, path: Path, fmt: str, dim: int | None, keep,
         if dim is None:
             dim = len(fields) - 1
         if len(fields) - 1 != dim:
+            if header_like and number <= 2:  # the first line's one value does not fit: it was a header
+                raise NMTError(
+                    f"{path}, line 1: {header_like!r} is a word2vec header ('count dim'), which GloVe files do not "
+                    f"have. Set model.embeddings.vectors_format=word2vec_text (or auto, which detects it)."
+                )
             if not _all_numbers(fields[1:]):
                 raise NMTError(f"{path}, line {number}: expected a word followed by {dim} numbers, got {raw[:60]!r}. "
                                f"Fix or delete that line.")
             if expected is None and number > 1 + (fmt == "word2vec_text"):
                 raise NMTError(f"{path}, line {number}: {len(fields) - 1} values, but the lines before have {dim}.")
             raise _dim_error(path, f"line {number}", len(fields) - 1, dim)
+        seen += 1
         word = fields[0]
         if not keep(word):
             continue
@@ -141,6 +149,9 @@ def _text_vectors(handle: BinaryIO, path: Path, fmt: str, dim: int | None, keep,
         except ValueError:
             raise NMTError(f"{path}, line {number}: the values for {word!r} are not all numbers.") from None
         yield word, _check_finite(path, f"line {number}", word, vector)
+    if promised is not None and seen != promised:  # a truncated download, or a file edited by hand
+        log.warning("%s: its header promises %d vectors, but it holds %d. If it was cut short, download it "
+                    "again.", path, promised, seen)
 
 
 def _binary_vectors(handle: BinaryIO, path: Path, dim: int | None, keep, bar) -> Iterator[tuple[str, torch.Tensor]]:
@@ -185,8 +196,9 @@ def read_vectors(path: Path, wanted: Collection[str] | None = None, expected_dim
     """Stream a vectors file -> {word: vector (E,)}, in file order, keeping only the words asked for.
 
     A word is kept when it is in `wanted` or its lowercase form is in `wanted_lower`; everything is
-    kept when both are None. Every line is checked: the wrong number of values, or values that are not
-    numbers, is an error naming the file and line.
+    kept when both are None. Every line's number of values is checked, and the values of every kept
+    word: either wrong is an error naming the file and line. (Parsing the numbers of words that are not
+    kept would make reading a large file several times slower.)
     """
     path = Path(path)
     if not path.is_file():
