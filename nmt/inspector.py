@@ -134,7 +134,8 @@ def analogy(table: EmbeddingTable, expression: str, k: int, where: str) -> list[
 def warn_untrained(table: EmbeddingTable, ids: list[int]) -> None:
     untrained = table.untrained(ids)
     if untrained:
-        print(f"  note: {', '.join(untrained)} still hold their step-0 values: training never updated them "
+        holds, them = ("holds its", "it") if len(untrained) == 1 else ("hold their", "them")
+        print(f"  note: {', '.join(untrained)} still {holds} step-0 values: training never updated {them} "
               f"(absent from the training data, or frozen).")
 
 

@@ -71,7 +71,7 @@ def test_a_piece_that_never_trained_is_pointed_out(debug_run):
     piece = run.vocab.src.id_to_piece(unchanged[0])
     assert table.untrained([unchanged[0]]) == [piece]
     out = run_cli("nmt-embeddings", f"run={debug_run}", f"query={piece}", "k=2")
-    assert out.returncode == 0 and f"note: {piece} still hold their step-0 values" in out.stdout
+    assert out.returncode == 0 and f"note: {piece} still holds its step-0 values: training never updated it" in out.stdout
 
 
 def test_export_writes_word2vec_text_that_loads_back_as_src_vectors(debug_run, tmp_path):
