@@ -3,7 +3,8 @@
 All sentences of a batch decode together; there is no Python loop over the batch per step. A
 sentence that is done leaves the working tensors, so it stops consuming compute. At its last allowed
 step a sentence may only emit eos, which bounds every output by `max_len_ratio` times its source
-length plus a small constant.
+length plus a small constant. At the first step eos is not allowed, so no output is empty (fairseq's
+`min_len` and Joey NMT's `min_output_length` default to the same rule).
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def max_lengths(src_lens: torch.Tensor, ratio: float) -> torch.Tensor:
     return (src_lens.float() * ratio).floor().long() + EXTRA_LEN
 
 
-def _force_eos(log_probs: torch.Tensor, at_limit: torch.Tensor) -> torch.Tensor:
-    """Rows at their length bound may only choose eos: log_probs (R, V), at_limit (R,) -> (R, V)."""
+def _allowed(log_probs: torch.Tensor, at_limit: torch.Tensor, t: int) -> torch.Tensor:
+    """At step 0 no row may choose eos; rows at their length bound (never at step 0) may only choose eos:
+    log_probs (R, V), at_limit (R,) -> (R, V)."""
+    if t == 0:
+        return log_probs.index_fill(1, torch.tensor([EOS_ID], device=log_probs.device), float("-inf"))
     if not at_limit.any():
         return log_probs
     forced = torch.full_like(log_probs, float("-inf"))
@@ -68,7 +72,7 @@ def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_le
     results: list[Hypothesis | None] = [None] * src_ids.size(0)
     for t in range(int(limits.max())):
         log_probs, hidden, weights = model.step(prev, hidden, encoded)  # (N, V), (L, N, H), (N, S)
-        log_probs = _force_eos(log_probs, limits[active] == t + 1)
+        log_probs = _allowed(log_probs, limits[active] == t + 1, t)
         best_lp, prev = log_probs.max(dim=-1)  # (N,)
         log_prob = log_prob + best_lp
         seq = torch.cat([seq, prev.unsqueeze(1)], dim=1)  # (N, t + 1)
@@ -196,7 +200,7 @@ def _beam_step(model: Seq2Seq, beams: _Beams, limits: torch.Tensor, t: int, K: i
     N, R = beams.scores.shape
     log_probs, hidden, weights = model.step(beams.prev, beams.hidden, beams.encoded)  # (N*R, V), ..., (N*R, S)
     at_limit = (limits[beams.active] == t + 1).repeat_interleave(R)  # (N * R,)
-    log_probs = _force_eos(log_probs, at_limit)
+    log_probs = _allowed(log_probs, at_limit, t)
     V = log_probs.size(-1)
     candidates = (beams.scores.unsqueeze(-1) + log_probs.view(N, R, V)).view(N, R * V)
     top_scores, top_ids = top_candidates(candidates, min(2 * K, R * V))  # (N, 2K)

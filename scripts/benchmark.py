@@ -17,7 +17,7 @@ attention (512), dropout 0.2, batches of 4,096 target tokens. The script measure
     bf16 matrix products, eval.precision=bf16) through the same
     `translate_sentences` that nmt-evaluate uses; with --run DIR a trained model is used, otherwise
     the benchmark's barely trained one, whose output lengths are not those of a real model (greedy
-    runs to the length limit, beam search may stop at once), so only --run gives figures to report;
+    runs to the length limit, beam search may stop after one piece), so only --run gives figures to report;
   - peak RSS of the process.
 Like nmt-train, it first has glibc's malloc keep freed memory (trainer.keep_freed_memory).
 It writes JSON (--out) and prints a markdown table. --quick finishes within about 3 minutes.
@@ -240,8 +240,8 @@ def main() -> int:
     else:
         decode_model, decode_vocab = model, vocab
         result["decode_model"] = (f"the benchmark's model after {warmup + steps} steps: untrained, so greedy runs to "
-                                  f"the length limit and beam search may stop at once; pass --run DIR of a trained "
-                                  f"run for representative decoding figures")
+                                  f"the length limit and beam search may stop after one piece; pass --run DIR of a "
+                                  f"trained run for representative decoding figures")
     for key, name, beam, precision in DECODINGS:
         if precision == "bf16" and not bf16:
             continue

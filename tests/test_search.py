@@ -153,6 +153,18 @@ def test_outputs_stop_at_the_length_bound(beam_size, ratio, random_model, source
             assert EOS_ID not in hyp.tokens
 
 
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_no_output_is_empty_even_when_the_model_prefers_eos_at_once(beam_size, random_model, sources):
+    src_ids, src_lens = sources
+    model = copy.deepcopy(random_model)
+    with torch.no_grad():
+        model.output.bias[EOS_ID] = 1e4  # eos is by far the likeliest token at every step
+    for nbest in decode(model, src_ids, src_lens, beam_size=beam_size, n_best=beam_size):
+        assert len(nbest) == beam_size
+        for hyp in nbest:
+            assert len(hyp.tokens) == 1 and EOS_ID not in hyp.tokens  # one token, then the preferred eos
+
+
 def test_outputs_never_exceed_the_bound(trained_model, random_model, sources):
     src_ids, src_lens = sources
     for model in (trained_model, random_model):
