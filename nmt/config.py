@@ -23,6 +23,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
+        if value in ("True", "False"):  # `key=true` on the command line: YAML reads a boolean, the field makes it a str
+            raise ConfigError(f"{key}={value.lower()} is read as a yes/no, but {key} takes one of: "
+                              f"{', '.join(choices)}.")
         raise ConfigError(f"{key}={value!r} is not a valid choice; use one of: {', '.join(choices)}.")
 
 

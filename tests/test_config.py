@@ -71,6 +71,15 @@ def test_bad_override_fails_cleanly_from_the_console_script(override, key):
     assert out.stderr.startswith("nmt: error:")
 
 
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_a_yes_no_given_for_a_choice_is_echoed_as_typed(value, capsys):
+    with pytest.raises(SystemExit):
+        compose_config("train", ["experiment=debug", f"model.embeddings.freeze={value}"])
+    assert capsys.readouterr().err.strip() == (
+        f"nmt: error: model.embeddings.freeze={value} is read as a yes/no, but model.embeddings.freeze takes one "
+        f"of: none, src, tgt, both.")
+
+
 def test_unknown_experiment_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main("train", lambda cfg, cfg_dict: None, ["experiment=nope"])
