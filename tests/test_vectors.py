@@ -141,6 +141,24 @@ def test_a_text_file_with_fewer_vectors_than_its_header_promises_is_pointed_out(
     assert "promises" not in caplog.text
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_words_that_are_not_utf8_are_counted_and_pointed_out(tmp_path, caplog, binary):
+    words, vectors = ["w0", "Straße", "Hund", "Öl"], torch.randn(4, 3)
+    path = tmp_path / "v.vec"
+    write_vectors(path, words, vectors, binary=binary)
+    path.write_bytes(path.read_bytes().replace("Straße".encode(), "Straße".encode("latin-1"))
+                     .replace("Öl".encode(), "Öl".encode("latin-1")))  # a file saved in Latin-1
+    read = read_vectors(path)
+    assert list(read) == [words[0], "Stra\ufffde", words[2], "\ufffdl"]
+    unit, first = ("vector", 2) if binary else ("line", 3)  # the text file's line 1 is its header
+    assert f"v.vec: 2 {unit}s are not valid UTF-8 (the first is {unit} {first})" in caplog.text
+    assert "iconv" in caplog.text
+    caplog.clear()
+    write_vectors(path, words, vectors, binary=binary)
+    assert list(read_vectors(path)) == words
+    assert "UTF-8" not in caplog.text
+
+
 def test_a_truncated_binary_file_names_the_vector_and_byte(tmp_path):
     words, vectors = random_vectors(5, 4)
     path = tmp_path / "v.bin"

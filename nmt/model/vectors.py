@@ -101,13 +101,36 @@ def _check_finite(path: Path, where: str, word: str, vector: torch.Tensor) -> to
     return vector
 
 
+class _Undecodable:
+    """Counts the words that are not valid UTF-8; they are read with U+FFFD in place of the bad bytes."""
+
+    def __init__(self, path: Path, unit: str):
+        self.path, self.unit, self.count, self.first = path, unit, 0, 0
+
+    def decode(self, raw: bytes, number: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.count += 1
+            self.first = self.first or number
+            return raw.decode("utf-8", errors="replace")
+
+    def warn(self) -> None:
+        if self.count:
+            log.warning("%s: %d %s not valid UTF-8 (the first is %s %d); their bad bytes were read as U+FFFD, so "
+                        "those words will not match their pieces. If the file is in another encoding, convert it "
+                        "to UTF-8 (e.g. iconv -f latin1 -t utf-8).", self.path, self.count,
+                        f"{self.unit}s are" if self.count > 1 else f"{self.unit} is", self.unit, self.first)
+
+
 def _text_vectors(handle: BinaryIO, path: Path, fmt: str, dim: int | None, keep,
                   bar) -> Iterator[tuple[str, torch.Tensor]]:
     """(word, vector) for every kept line of a word2vec_text or glove file, checking every line's shape."""
     expected, promised, seen, header_like = dim, None, 0, ""
+    undecodable = _Undecodable(path, "line")
     for number, raw in enumerate(handle, start=1):
         bar.update(len(raw))
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n").rstrip(" ")
+        line = undecodable.decode(raw, number).rstrip("\r\n").rstrip(" ")
         fields = line.split(" ")
         if number == 1 and fmt == "glove" and len(fields) == 2 and all(f.isdigit() for f in fields):
             header_like = line  # a word "2" with the one value 3, or a word2vec header read as GloVe
@@ -149,6 +172,7 @@ def _text_vectors(handle: BinaryIO, path: Path, fmt: str, dim: int | None, keep,
         except ValueError:
             raise NMTError(f"{path}, line {number}: the values for {word!r} are not all numbers.") from None
         yield word, _check_finite(path, f"line {number}", word, vector)
+    undecodable.warn()
     if promised is not None and seen != promised:  # a truncated download, or a file edited by hand
         log.warning("%s: its header promises %d vectors, but it holds %d. If it was cut short, download it "
                     "again.", path, promised, seen)
@@ -166,6 +190,7 @@ def _binary_vectors(handle: BinaryIO, path: Path, dim: int | None, keep, bar) ->
         raise _dim_error(path, "line 1 (header)", header_dim, dim)
     size = 4 * header_dim
     buffer, pos, offset = b"", 0, len(first)  # offset: file position of buffer[0]
+    undecodable = _Undecodable(path, "vector")
     for number in range(1, count + 1):
         while True:
             space = buffer.find(b" ", pos)
@@ -180,7 +205,7 @@ def _binary_vectors(handle: BinaryIO, path: Path, dim: int | None, keep, bar) ->
                 )
             bar.update(len(chunk))
             buffer, offset, pos = buffer[pos:] + chunk, offset + pos, 0
-        word = buffer[pos:space].lstrip(b"\r\n").decode("utf-8", errors="replace")
+        word = undecodable.decode(buffer[pos:space].lstrip(b"\r\n"), number)
         if not word or "\n" in word:
             raise NMTError(f"{path}, vector {number} (byte {offset + pos}): no word before the values; "
                            f"the file is damaged or not word2vec binary (set model.embeddings.vectors_format).")
@@ -189,6 +214,7 @@ def _binary_vectors(handle: BinaryIO, path: Path, dim: int | None, keep, bar) ->
         if keep(word):
             vector = torch.from_numpy(np.frombuffer(values, dtype="<f4").astype(np.float32))
             yield word, _check_finite(path, f"vector {number}", word, vector)
+    undecodable.warn()
 
 
 def read_vectors(path: Path, wanted: Collection[str] | None = None, expected_dim: int | None = None,
