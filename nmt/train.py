@@ -335,7 +335,8 @@ class Trainer:
         self.precision = Precision(cfg.trainer.precision, self.device)
         self.state = TrainState(world_size=self.dist.world_size)
         self.drift = EmbeddingDrift(files.checkpoint("step0"),
-                                    {side: self.data.token_counts(side) for side in ("src", "tgt")})
+                                    {side: self.data.token_counts(side) for side in ("src", "tgt")},
+                                    shared=cfg.model.tie_src_tgt)
         self.epoch_size = 0  # batches in the current epoch
         self.interrupted = 0  # the signal that asked us (or, under torchrun, any rank) to stop, if any
         self.signalled = False  # whether this process itself received SIGINT or SIGTERM

@@ -50,6 +50,17 @@ def test_measure_compares_with_step0_and_counts_eos_as_read(tmp_path):
     assert line.startswith("embeddings: src 14.3% of rows moved") and "tgt 0.0% of rows moved" in line
 
 
+def test_a_table_shared_by_both_sides_counts_a_piece_absent_only_when_both_sides_lack_it(tmp_path):
+    model = build_model(ModelConfig(embedding_dim=E, hidden_size=4, tie_src_tgt=True), V, V)
+    save_checkpoint({"model": model.state_dict()}, tmp_path / "step0.pt")
+    src = torch.tensor([0, 0, 0, 0, 5, 0, 0, 0])
+    tgt = torch.tensor([0, 0, 0, 0, 0, 5, 0, 0])  # 5 is a target word only; 6 and 7 occur on neither side
+    record = EmbeddingDrift(tmp_path / "step0.pt", {"src": src, "tgt": tgt}, shared=True).measure(model, step=0)
+    assert record["src"] == record["tgt"]
+    assert record["src"]["unchanged_rows"] == V - 1  # frozen, say: nothing moved
+    assert record["src"]["unchanged_unseen"] == 3  # unk, 6, 7 (bos: every target starts with it)
+
+
 def test_drift_plot_of_one_run_or_several(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     stats = {"rows": 9, "mean_l2": 0.1, "moved_share": 0.5, "unchanged_rows": 4, "unchanged_unseen": 2}

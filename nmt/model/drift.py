@@ -57,13 +57,17 @@ def describe(record: dict) -> str:
 class EmbeddingDrift:
     """Measures the embedding tables against step0.pt, which it reads at the first measurement."""
 
-    def __init__(self, step0_path: Path, token_counts: dict[str, torch.Tensor]):
+    def __init__(self, step0_path: Path, token_counts: dict[str, torch.Tensor], shared: bool = False):
+        """shared: one table for both sides (model.tie_src_tgt), so a row is read when either side uses it."""
         self.step0_path = Path(step0_path)
         self.token_counts = {side: counts.cpu().clone() for side, counts in token_counts.items()}
         # the batcher adds </s> to every source and <s>, </s> to every target: those rows are read too
         for side, counts in self.token_counts.items():
             counts[EOS_ID] += 1
             counts[BOS_ID] += side == "tgt"
+        if shared:
+            both = self.token_counts["src"] + self.token_counts["tgt"]
+            self.token_counts = {"src": both, "tgt": both}
         self.initial: dict[str, torch.Tensor] | None = None
 
     def measure(self, model: Seq2Seq, step: int) -> dict:
