@@ -194,8 +194,28 @@ def test_gru_update_equals_torch_gru_cell():
     assert torch.allclose(ours, cell(x, h), atol=1e-6)
 
 
+def reference_decoder(decoder: Decoder, embedded, hidden, states, mask):
+    """The decoder written out from its equations with torch's own GRUCell, sharing no code with `Decoder`:
+    e_j = v . tanh(W s_top + U h_j), a = softmax(e) over the real positions, c = sum_j a_j h_j; layer 0
+    reads [y; c], each layer above reads the new state of the one below; the output is tanh(W_o [s_top; c; y])."""
+    attention = decoder.attention
+    keys = states @ attention.key_proj.weight.T + attention.key_proj.bias  # (B, S, A)
+    layers = list(hidden)
+    outputs, weights = [], []
+    for t in range(embedded.size(1)):
+        scores = torch.tanh((layers[-1] @ attention.query_proj.weight.T).unsqueeze(1) + keys) @ attention.v.weight[0]
+        a = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, S)
+        context = torch.einsum("bs,bsd->bd", a, states)
+        layers[0] = decoder.cell(torch.cat([embedded[:, t], context], dim=-1), layers[0])
+        for layer, cell in enumerate(decoder.upper_cells, start=1):
+            layers[layer] = cell(layers[layer - 1], layers[layer])
+        outputs.append(torch.tanh(decoder.pre_output(torch.cat([layers[-1], context, embedded[:, t]], dim=-1))))
+        weights.append(a)
+    return torch.stack(outputs, 1), torch.stack(weights, 1), torch.stack(layers)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
-def test_decoder_step_unrolled_equals_forward(layers):
+def test_decoder_forward_and_step_follow_the_equations(layers):
     decoder = Decoder(E, H, 2 * H, A, num_layers=layers, dropout=0.3, rnn_dropout=0.3).eval()
     states = torch.randn(B, S, 2 * H)
     keys = decoder.attention.project_keys(states)
@@ -203,12 +223,16 @@ def test_decoder_step_unrolled_equals_forward(layers):
     hidden = decoder.init_hidden(torch.randn(B, 2 * H))
     assert hidden.shape == (layers, B, H)
     embedded = torch.randn(B, T, E)
+    expected_output, expected_attention, expected_hidden = reference_decoder(decoder, embedded, hidden, states, mask)
     pre_output, attention = decoder(embedded, hidden, states, keys, mask)
     assert pre_output.shape == (B, T, E) and attention.shape == (B, T, S)
+    assert torch.allclose(pre_output, expected_output, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(attention, expected_attention, atol=1e-6, rtol=1e-5)
     for t in range(T):
         step_out, hidden, weights = decoder.step(embedded[:, t], hidden, states, keys, mask)
         assert torch.allclose(step_out, pre_output[:, t], atol=1e-6, rtol=1e-5)
         assert torch.allclose(weights, attention[:, t], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(hidden, expected_hidden, atol=1e-6, rtol=1e-5)
 
 
 def test_fused_recurrence_gradients_pass_gradcheck():
