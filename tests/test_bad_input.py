@@ -4,12 +4,17 @@ lists these cases and their messages."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli, script_path
+from nmt.config import TranslateOptions
+from nmt.run import load_trained
+from nmt.translate import Session, _read_chunks
 
 PAIRS = 200
 # A tiny model and two steps: these runs only have to get through the data and one validation.
@@ -193,16 +198,33 @@ def test_an_evaluation_reference_with_the_wrong_line_count(debug_run, tmp_path):
     assert_clean_error(out, str(src), "3 lines", str(ref), "has 2")
 
 
+GARBAGE = [bytes(range(256)).replace(b"\n", b""), b"\x00\x00\x00", b"\xff\xfe\xfd\xfc", b"\x1b[31mrot\x1b[0m",
+           b"\r", b"Ein Mann\x07\x08 f\xc3\xa4hrt.", b"\xc3", "Ünïcödé ☃".encode()]
+
+
 def test_binary_garbage_into_nmt_translate_gives_one_line_per_line(debug_run):
-    garbage = [bytes(range(256)).replace(b"\n", b""), b"\x00\x00\x00", b"\xff\xfe\xfd\xfc", b"\x1b[31mrot\x1b[0m",
-               b"\r", b"Ein Mann\x07\x08 f\xc3\xa4hrt.", b"\xc3", "Ünïcödé ☃".encode()]
-    out = subprocess.run(["nmt-translate", f"run={debug_run}"], input=b"\n".join(garbage) + b"\n",
+    out = subprocess.run(["nmt-translate", f"run={debug_run}"], input=b"\n".join(GARBAGE) + b"\n",
                          capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert b"Traceback" not in out.stderr
     outputs = out.stdout.decode("utf-8").split("\n")
-    assert outputs[-1] == "" and len(outputs) - 1 == len(garbage)
-    assert not any(ch in "".join(outputs) for ch in "\x00\x1b\x07")  # no control characters echoed back
+    assert outputs[-1] == "" and len(outputs) - 1 == len(GARBAGE)
+
+
+def test_garbage_is_translated_as_its_cleaned_text(debug_run):
+    """What the model reads of each line: NUL dropped, other control characters read as spaces, spaces squeezed,
+    invalid bytes read as U+FFFD; a line left empty is not decoded, and gets an empty line."""
+    device = torch.device("cpu")
+    session = Session(load_trained(debug_run, "best", device), TranslateOptions(), device)
+    lines = [line for chunk in _read_chunks(io.BytesIO(b"\n".join(GARBAGE) + b"\r\n")) for line in chunk]
+    results = session.translate(lines)
+    assert [result.source for result in results[1:]] == [
+        "", "\ufffd" * 4, "[31mrot [0m", "", "Ein Mann fährt.", "\ufffd", "Ünïcödé ☃"]
+    assert results[0].source == bytes(range(0x21, 0x7F)).decode() + " " + "\ufffd" * 128  # 1-0x20 lead, 0x7F: DEL
+    # SentencePiece's normalisation drops U+FFFD, so a line of invalid bytes alone is empty too
+    assert [bool(result.hypotheses) for result in results] == [True, False, False, True, False, True, False, True]
+    expected = session.run.vocab.id_to_piece(session.run.vocab.encode(["Ein Mann fährt."], "src")[0], "src")
+    assert results[5].src_pieces == expected + ["</s>"]
 
 
 # --- paths the user gives that cannot be written, and damaged run directories ----------------------------------
