@@ -27,6 +27,11 @@ class Translation:
     hypotheses: list[Hypothesis]  # n_best, best first
 
 
+def hypothesis_texts(vocab: Vocab, translation: Translation) -> list[str]:
+    """The n-best hypotheses of a translation as detokenized text, best first (none for an empty source)."""
+    return [vocab.decode(h.tokens, "tgt") for h in translation.hypotheses]
+
+
 def translate_sentences(model: Seq2Seq, vocab: Vocab, sources: list[str], cfg: DecodeConfig, device: torch.device,
                         max_src_len: int | None = None, keep_attention: bool = False,
                         progress: bool = False) -> list[Translation]:

@@ -13,7 +13,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from nmt.config import EvaluateConfig
 from nmt.console import setup_logging
 from nmt.data.corpus import ParallelText, load_splits, read_lines
-from nmt.decoding import translate_sentences
+from nmt.decoding import hypothesis_texts, translate_sentences
 from nmt.errors import NMTError
 from nmt.precision import decode_precision
 from nmt.run import TrainedRun, load_trained
@@ -76,7 +76,8 @@ def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:
     if cfg.eval.n_best > 1:  # Moses' n-best form: number ||| translation ||| features ||| score, best first
         lines = []
         for number, translation in enumerate(translations):
-            scored = [(run.vocab.decode(h.tokens, "tgt"), h.score) for h in translation.hypotheses] or [("", 0.0)]
+            texts = hypothesis_texts(run.vocab, translation)
+            scored = list(zip(texts, (h.score for h in translation.hypotheses))) or [("", 0.0)]
             lines += [f"{number} ||| {text} ||| score= {value:.4f} ||| {value:.4f}\n" for text, value in scored]
         nbest_path.write_text("".join(lines), encoding="utf-8")
     else:

@@ -19,7 +19,7 @@ import torch
 from nmt.config import TranslateConfig, TranslateOptions
 from nmt.console import setup_logging
 from nmt.data.corpus import clean_line
-from nmt.decoding import Translation, translate_sentences
+from nmt.decoding import Translation, hypothesis_texts, translate_sentences
 from nmt.errors import NMTError
 from nmt.plots import plot_attention
 from nmt.run import TrainedRun, load_trained, make_directory
@@ -73,7 +73,7 @@ def _read_chunks(stream: IO[bytes]) -> Iterator[list[str]]:
 def nbest_texts(session: Session, result: Translation) -> list[str]:
     """The translation's `n_best` hypotheses as text, best first; padded with "" to exactly n_best lines."""
     n = session.options.n_best
-    texts = [session.run.vocab.decode(h.tokens, "tgt") for h in result.hypotheses[:n]]
+    texts = hypothesis_texts(session.run.vocab, result)[:n]
     return texts + [""] * (n - len(texts))
 
 
