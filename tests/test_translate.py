@@ -92,7 +92,7 @@ def test_interactive_prompt_in_a_terminal(debug_run):
     import pty
 
     sentence = "Zwei Hunde spielen im Schnee."
-    greedy = "translate.beam_size=1"  # the debug model's beam search tends to stop at once, with an empty line
+    greedy = "translate.beam_size=1"  # the debug model's beam search tends to pick the lone piece "▁": an empty line
     piped = subprocess.run([script_path("nmt-translate"), f"run={debug_run}", greedy], input=sentence + "\n",
                            capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(piped) == 1 and piped[0].strip()
