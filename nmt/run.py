@@ -106,8 +106,12 @@ def prepare_output_file(path: Path, key: str) -> None:
     except OSError as error:
         raise NMTError(f"{key}={path}: cannot make its directory {path.parent} ({error.strerror}). Choose a path "
                        f"that is not under a file and whose parent you can write to.") from None
-    if not os.access(path.parent, os.W_OK):
-        raise NMTError(f"{key}={path}: cannot write in {path.parent} (permission denied). Choose another path.")
+    probe = path.parent / f".{path.name}.{os.getpid()}.probe"  # a real write: os.access says yes for root, or /proc
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        raise NMTError(f"{key}={path}: cannot write in {path.parent} ({error.strerror}). Choose another path.") from None
 
 
 def write_config(files: RunFiles, cfg_dict: dict) -> None:

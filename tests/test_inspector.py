@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from nmt.data.vocab import SPECIAL_IDS
 from nmt.errors import NMTError
 from nmt.inspector import EmbeddingTable, load_table, parse_analogy
 from nmt.model.vectors import load_pretrained_, read_vectors
-from nmt.run import load_trained
+from nmt.run import load_trained, prepare_output_file
 
 SRC_EMBED = "src_embed.embedding.weight"
 
@@ -125,6 +127,14 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(debug_r
     exported = tmp_path / "new" / "dir" / "src.vec"  # a new directory is made, as for paths.run_dir
     out = run_cli("nmt-embeddings", f"run={debug_run}", f"export={exported}")
     assert out.returncode == 0 and exported.is_file(), out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_directory_that_takes_no_new_files_is_refused(tmp_path):
+    with pytest.raises(NMTError, match=r"export=/proc/x.vec: cannot write in /proc \(.+\)\. Choose another path"):
+        prepare_output_file(Path("/proc/x.vec"), "export")  # mkdir and os.access both succeed there, even for root
+    prepare_output_file(tmp_path / "ok.vec", "export")
+    assert list(tmp_path.iterdir()) == []  # the test write leaves nothing behind
 
 
 def test_free_text_values_are_quoted_for_hydra():
