@@ -74,6 +74,10 @@ def _describe_config_error(error: Exception) -> str:
         re.search(r"Value '([^']*)' is not a valid (\w+)", text)
     if converted and key:
         return f"Wrong type for {key}: {converted.group(1)!r} is not a valid {converted.group(2).lower()}."
+    if "is not a ListConfig, list or tuple" in text and key:
+        given = re.search(r"override \S+?=(\S+)", text)
+        example = f"{key}=[{given.group(1)}]" if given else f"{key}=[a,b]"
+        return f"{key} takes a list: put the value in brackets, e.g. {example}, with commas between items."
     if "is not Optional" in text and key:
         return f"{key} cannot be null: give it a value (nmt-{{name}} --cfg shows its default)."
     group = re.search(r"Config group override must be a string or a list\. Got (\w+)", text)

@@ -182,7 +182,8 @@ def checkpoint_path(files: RunFiles, name: str) -> Path:
     named = files.checkpoint(name)
     if name in ("best", "last", "step0", "averaged") or named.is_file():
         return named
-    return Path(name)
+    in_run = files.run_dir / "checkpoints" / name  # the file name as listed there: last.pt, val-00003420.pt
+    return in_run if not Path(name).is_file() and in_run.is_file() else Path(name)
 
 
 def load_trained(run_dir: str | Path, checkpoint: str, device, ensemble: Sequence[str] = ()) -> TrainedRun:
@@ -208,9 +209,9 @@ def load_trained(run_dir: str | Path, checkpoint: str, device, ensemble: Sequenc
 def _load_model(files: RunFiles, config: TrainConfig, vocab: Vocab, path: Path, device) -> Seq2Seq:
     if not path.exists():
         raise NMTError(f"The checkpoint {path} does not exist; has the run {files.run_dir} saved one yet? "
-                       f"Choose another with eval.checkpoint (nmt-evaluate), translate.checkpoint (nmt-translate) or "
-                       f"checkpoint (nmt-embeddings): best, last, averaged or step0 "
-                       f"(or a file in {files.run_dir / 'checkpoints'}).")
+                       f"Choose another with eval.checkpoint or eval.ensemble (nmt-evaluate), translate.checkpoint or "
+                       f"translate.ensemble (nmt-translate), or checkpoint (nmt-embeddings): best, last, averaged or "
+                       f"step0 (or a file in {files.run_dir / 'checkpoints'}).")
     state = load_checkpoint(path, map_location="cpu")
     model = build_model(config.model, vocab.size("src"), vocab.size("tgt"))
     try:

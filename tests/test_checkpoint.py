@@ -11,6 +11,7 @@ import torch
 from nmt.checkpoint import load_checkpoint, load_latest, previous_path, save_checkpoint
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
+from nmt.run import RunFiles, checkpoint_path
 from nmt.model.seq2seq import build_model
 
 
@@ -176,3 +177,19 @@ def test_load_latest_says_what_to_do_when_both_checkpoints_are_damaged(tmp_path)
     message = str(error.value)
     assert "last.pt" in message and "last.prev.pt" in message
     assert "Neither can be resumed" in message and "paths.run_dir" in message
+
+
+def test_a_checkpoint_is_found_by_name_by_its_file_name_in_the_run_or_by_path(tmp_path, monkeypatch):
+    run = RunFiles(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for name in ("last", "val-00000007"):
+        run.checkpoint(name).write_bytes(b"")
+    other = tmp_path / "elsewhere.pt"
+    other.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_path(run, "last") == checkpoint_path(run, "last.pt") == run.checkpoint("last")
+    assert checkpoint_path(run, "val-00000007") == checkpoint_path(run, "val-00000007.pt") == run.checkpoint("val-00000007")
+    assert checkpoint_path(run, str(other)) == other
+    assert checkpoint_path(run, "elsewhere.pt") == pathlib.Path("elsewhere.pt")  # relative to where the command runs
+    assert checkpoint_path(run, "best") == run.checkpoint("best")  # not saved yet: the loader names it
+    assert checkpoint_path(run, "gone.pt") == pathlib.Path("gone.pt")

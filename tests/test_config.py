@@ -80,6 +80,13 @@ def test_a_yes_no_given_for_a_choice_is_echoed_as_typed(value, capsys):
         f"of: none, src, tgt, both.")
 
 
+def test_a_list_setting_given_one_bare_value_is_shown_with_brackets(capsys):
+    with pytest.raises(SystemExit):
+        compose_config("evaluate", ["run=x", "eval.ensemble=last"])
+    assert capsys.readouterr().err.strip() == ("nmt: error: eval.ensemble takes a list: put the value in brackets, "
+                                               "e.g. eval.ensemble=[last], with commas between items.")
+
+
 def test_unknown_experiment_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main("train", lambda cfg, cfg_dict: None, ["experiment=nope"])

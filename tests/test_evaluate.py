@@ -134,7 +134,7 @@ def test_evaluate_an_ensemble_of_checkpoints(debug_run, tmp_path):
     out = subprocess.run([script_path("nmt-evaluate"), f"run={run}", "eval.ensemble=[val-00000099]"],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "val-00000099 does not exist" in out.stderr
+    assert "val-00000099 does not exist" in out.stderr and "eval.ensemble" in out.stderr
 
 
 def test_evaluate_other_multi30k_test_sets(tmp_path):
