@@ -189,7 +189,8 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
         if arg.startswith("-"):
             fail(f"Unknown option {arg!r}. Settings are given as key=value; see --help.")
         if "=" not in arg and not arg.startswith("~"):  # ~key deletes a setting; anything else needs a value
-            fail(f"{arg!r} is not a setting: give settings as key=value (e.g. paths.run_dir=runs/x); "
+            example = "paths.run_dir=runs/x" if name == "train" else f"run={arg if '/' in arg else 'runs/x'}"
+            fail(f"{arg!r} is not a setting: give settings as key=value (e.g. {example}); "
                  f"--cfg (alone) prints the composed config, and --help lists the config groups.")
     cfg, cfg_dict = compose_config(name, overrides)
     if show:

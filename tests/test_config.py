@@ -218,6 +218,15 @@ def test_a_word_without_a_value_is_named(argv, word, capsys):
     assert "quote" not in err  # not the advice for values with special characters
 
 
+@pytest.mark.parametrize("name, word, example", [("train", "runs/x", "paths.run_dir=runs/x"),
+                                                  ("translate", "runs/debug", "run=runs/debug"),
+                                                  ("evaluate", "best", "run=runs/x")])
+def test_the_example_for_a_word_without_a_value_is_a_key_of_that_command(name, word, example, capsys):
+    with pytest.raises(SystemExit):
+        main(name, lambda cfg, cfg_dict: None, [word])
+    assert f"(e.g. {example});" in capsys.readouterr().err
+
+
 def test_options_other_than_cfg_and_help_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main("train", lambda cfg, cfg_dict: pytest.fail("must not train"), ["--epochs", "3"])

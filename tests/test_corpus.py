@@ -221,5 +221,5 @@ def test_a_download_without_network_says_where_the_file_goes(tmp_path, monkeypat
     message = str(error.value)
     assert "Could not download" in message and "no network here" in message
     assert str(tmp_path / "data" / "multi30k" / "val.de") in message  # absolute: the folder it looked in
-    assert "paths.data_dir" in message
+    assert "paths.data_dir=../shared/data for nmt-train, data_dir=../shared/data for nmt-evaluate" in message
     assert not list(tmp_path.rglob("val.*"))  # nothing half-written

@@ -114,8 +114,8 @@ def _fetch(url: str, destination_hint: Path) -> bytes:
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         raise NMTError(
             f"Could not download {url} ({error}). Without network, put the file in place by hand as "
-            f"{destination_hint.absolute()} (uncompressed, UTF-8), or point the data directory (paths.data_dir for nmt-train, "
-            f"data_dir for nmt-evaluate) at a folder that already holds it, e.g. paths.data_dir=../shared/data."
+            f"{destination_hint.absolute()} (uncompressed, UTF-8), or point the data directory at a folder that already "
+            f"holds it: e.g. paths.data_dir=../shared/data for nmt-train, data_dir=../shared/data for nmt-evaluate."
         ) from None
 
 
