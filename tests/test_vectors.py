@@ -276,3 +276,15 @@ def test_setup_embeddings_reports_coverage_per_side_and_loads_a_shared_table_onc
             f"vector") in caplog.text
     setup(embeddings=EmbeddingConfig(src_vectors=str(german), freeze="src", unfreeze_after=5))
     assert "rows stay at their random initial values" not in caplog.text  # they will train later
+
+
+def test_an_empty_or_compressed_vectors_file_is_named_with_what_to_do(tmp_path):
+    import gzip
+
+    for text in ("", "\n\n"):
+        with pytest.raises(NMTError, match=r"empty.vec holds no vectors \(it is empty\)"):
+            read_vectors(write(tmp_path / "empty.vec", text))
+    packed = tmp_path / "v.vec.gz"
+    packed.write_bytes(gzip.compress("haus 1 2 3\n".encode()))
+    with pytest.raises(NMTError, match=r"v.vec.gz is gzip-compressed; .* \(gunzip v.vec.gz\)"):
+        read_vectors(packed)

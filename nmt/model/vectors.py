@@ -88,6 +88,23 @@ def detect_format(path: Path) -> str:
     return "word2vec_binary"
 
 
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"PK\x03\x04": ("zip", "unzip"), b"BZh": ("bzip2", "bunzip2"),
+              b"\xfd7zXZ\x00": ("xz", "unxz")}
+
+
+def _check_plain(path: Path) -> None:
+    """A vectors file must hold something, uncompressed: an empty or compressed file is named, with what to do."""
+    with open(path, "rb") as handle:
+        head = handle.read(CHUNK)
+    if not head.strip():
+        raise NMTError(f"{path} holds no vectors (it is empty). Check that its download or export finished, "
+                       f"or point the setting at another file.")
+    for magic, (kind, tool) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise NMTError(f"{path} is {kind}-compressed; nmt reads vectors files uncompressed. Decompress it first "
+                           f"({tool} {path.name}) and give the path of the decompressed file.")
+
+
 def _dim_error(path: Path, where: str, found: int, expected: int) -> NMTError:
     return NMTError(
         f"{path}, {where}: vectors of dimension {found}, but the model's embeddings have dimension {expected}. "
@@ -229,6 +246,7 @@ def read_vectors(path: Path, wanted: Collection[str] | None = None, expected_dim
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
+    _check_plain(path)
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt not in FORMATS:
