@@ -187,16 +187,17 @@ def translate(cfg: TranslateConfig, cfg_dict: dict | None = None) -> None:
     options = cfg.translate
     if options.attention_dir is not None:
         make_directory(Path(options.attention_dir), "translate.attention_dir")
+    if options.input is not None and not Path(options.input).is_file():  # before the minutes spent loading
+        what = "is a directory, not a file" if Path(options.input).is_dir() else "does not exist"
+        raise NMTError(f"translate.input={options.input} {what}. Check the path (relative paths start from "
+                       f"{Path.cwd()}), or leave translate.input out to translate standard input.")
     session = Session(load_trained(cfg.run, options.checkpoint, device, options.ensemble), options, device)
     if options.input is None and options.output is None and sys.stdin.isatty():
         interactive(session)
         return
     source = sys.stdin.buffer
     if options.input is not None:
-        path = Path(options.input)
-        if not path.is_file():
-            raise NMTError(f"translate.input={options.input}: no such file.")
-        source = open(path, "rb")
+        source = open(Path(options.input), "rb")
     sink = sys.stdout if options.output is None else open_output(options.output)
     try:
         count = translate_stream(session, source, sink)

@@ -62,9 +62,12 @@ def test_attention_text_labels_rows_and_columns():
 
 
 def test_missing_input_file_is_a_clean_error(debug_run, tmp_path):
-    out = subprocess.run([script_path("nmt-translate"), f"run={debug_run}", f"translate.input={tmp_path / 'nope.txt'}"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "nope.txt" in out.stderr and "Traceback" not in out.stderr
+    for given, what in (("nope.txt", "does not exist"), (".", "is a directory, not a file")):
+        out = subprocess.run([script_path("nmt-translate"), f"run={debug_run}", f"translate.input={given}"],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert out.stderr.startswith(f"nmt: error: translate.input={given} {what}. Check the path (relative paths "
+                                     f"start from {tmp_path}), or leave translate.input out")
 
 
 def _read_until(fd, marker: bytes, timeout: float = 60.0) -> bytes:
