@@ -112,9 +112,10 @@ def parse_analogy(expression: str) -> list[tuple[float, str]]:
     parts = re.split(r"\s+([+-])\s+", text)
     terms = [(sign, parts[0].strip())]
     terms += [(1.0 if operator == "+" else -1.0, term.strip()) for operator, term in zip(parts[1::2], parts[2::2])]
-    if len(terms) < 2 or any(not term or re.search(r"(^|\s)[+-](\s|$)", term) for _, term in terms):  # a lone sign
+    # a sign left inside a term had a space on one side only ('a -b', 'a- b'), or stood alone ('a - - b')
+    if len(terms) < 2 or any(not term or re.search(r"\s[+-]|[+-]\s|^[+-]$", term) for _, term in terms):
         raise NMTError(f"analogy={expression!r} is not of the form 'a - b + c' (words joined by ' + ' and ' - ', "
-                       f"with spaces around the signs).")
+                       f"with a space on both sides of each sign).")
     return terms
 
 

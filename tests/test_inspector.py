@@ -60,7 +60,8 @@ def test_analogy_and_the_step0_checkpoint(debug_run):
     assert "src: Männer - Mann + Frau \u2248 (step0.pt" in out.stdout and len(neighbours_of(out.stdout)) == 4
     assert parse_analogy("König - Mann + Frau") == [(1.0, "König"), (-1.0, "Mann"), (1.0, "Frau")]
     assert parse_analogy("- T-Shirt + Hemd") == [(-1.0, "T-Shirt"), (1.0, "Hemd")]  # a hyphen inside a word
-    for bad in ("Mann-Frau", "Männer - - Frau", "Männer + - Frau", "Männer - Frau -", "Männer - +"):
+    for bad in ("Mann-Frau", "Männer - - Frau", "Männer + - Frau", "Männer - Frau -", "Männer - +", "Männer -Mann + Frau",
+                "Männer- Mann + Frau", "Männer - Mann +Frau"):
         with pytest.raises(NMTError, match="a - b \\+ c"):
             parse_analogy(bad)
 
