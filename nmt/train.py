@@ -315,8 +315,10 @@ class Trainer:
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
         # rank 0 trains the vocabulary and writes the corpus cache; the other ranks then read both
         with self.dist.main_first():
+            # a fresh run replaces SentencePiece models left in its directory by a start that failed
             self.data = prepare_training_data(cfg.data, Path(cfg.paths.data_dir), files.run_dir, cfg.trainer.seed,
-                                              cache_root(cfg.paths.cache_dir, files.run_dir), self.dist.is_main)
+                                              cache_root(cfg.paths.cache_dir, files.run_dir), self.dist.is_main,
+                                              reuse_run_vocab=resuming or not self.dist.is_main)
         # under data.subword_alpha rank 0 segments the training text anew each epoch (epoch_corpus)
         self.sampler = (SegmentationSampler(self.data.train, self.data.vocab, cfg.data)
                         if cfg.data.subword_alpha and self.dist.is_main else None)

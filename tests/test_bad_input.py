@@ -229,6 +229,21 @@ def test_garbage_is_translated_as_its_cleaned_text(debug_run):
 
 # --- paths the user gives that cannot be written, and damaged run directories ----------------------------------
 
+def test_a_start_that_failed_leaves_no_vocabulary_the_next_start_reuses(corpus, tmp_path):
+    run = tmp_path / "run"
+    empty = tmp_path / "empty"
+    empty.write_text("", encoding="utf-8")
+    out = run_cli("nmt-train", *TINY, f"data.train.src={corpus / 'train.de'}", f"data.train.tgt={corpus / 'train.en'}",
+                  f"data.val.src={empty}", f"data.val.tgt={empty}", f"paths.run_dir={run}",
+                  f"paths.cache_dir={tmp_path / 'cache'}")
+    assert_clean_error(out, "The validation data", "is empty")
+    assert (run / "spm.joint.model").is_file()  # trained before the dev file was read
+    out = nmt_train(corpus, run, corpus / "train.de", corpus / "train.en", "data.vocab.size=250",
+                    f"paths.cache_dir={tmp_path / 'cache'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len((run / "spm.joint.vocab").read_text(encoding="utf-8").splitlines()) == 250
+
+
 def test_a_run_dir_that_is_a_file_is_named(corpus, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory\n", encoding="utf-8")

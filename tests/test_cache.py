@@ -181,3 +181,17 @@ def test_nmt_train_twice_encodes_once(debug_data, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing cache" in second.stderr and "encoded" not in second.stderr
     assert os.path.getsize(tmp_path / "run2" / "spm.joint.model") > 0
+
+
+def test_a_fresh_start_replaces_a_vocabulary_left_in_its_run_directory(corpus_files, tmp_path):
+    """A start that failed after its SentencePiece training (say, on an empty dev file) leaves the model in
+    the run directory; the next fresh start, with other settings, must not take it for its own."""
+    paths, run, cache_dir = corpus_files["paths"], tmp_path / "run", tmp_path / "cache"
+    prepare_training_data(files_config(paths), tmp_path, run, seed=1, cache_dir=cache_dir)
+    other = files_config(paths)
+    other.vocab = VocabConfig(size=50)
+    resumed = prepare_training_data(other, tmp_path, run, seed=1, cache_dir=cache_dir)  # a resume keeps its own
+    assert resumed.vocab.size("src") == 60
+    fresh = prepare_training_data(other, tmp_path, run, seed=1, cache_dir=cache_dir, reuse_run_vocab=False)
+    assert fresh.vocab.size("src") == 50
+    assert fresh.vocab.size("src") == prepare_training_data(other, tmp_path, run, seed=1, cache_dir=cache_dir).vocab.size("src")

@@ -46,12 +46,15 @@ def _limit(text: ParallelText, limit: int) -> ParallelText:
 
 
 def prepare_training_data(cfg: DataConfig, data_dir: Path, run_dir: Path, seed: int,
-                          cache_dir: Path | None = None, progress: bool = True) -> TrainingData:
-    """Build (or reuse) the vocabulary on train, encode and filter train into the cache (or reuse it), read val."""
+                          cache_dir: Path | None = None, progress: bool = True,
+                          reuse_run_vocab: bool = True) -> TrainingData:
+    """Build (or reuse) the vocabulary on train, encode and filter train into the cache (or reuse it), read val.
+    reuse_run_vocab=False: SentencePiece models already in run_dir are left-overs of a start that failed, made
+    perhaps for other data or settings, and are replaced."""
     cache_dir = Path(cache_dir) if cache_dir is not None else cache.cache_root(None, run_dir)
     source = training_source(cfg, data_dir)
     val_text = _limit(load_splits(cfg, data_dir, ("val",))["val"], cfg.val_limit)
-    vocab = cached_vocab(source, cfg, Path(run_dir), seed, cache_dir, progress)
+    vocab = cached_vocab(source, cfg, Path(run_dir), seed, cache_dir, progress, reuse_run_vocab)
     train = cached_corpus(source, vocab, cfg, Path(run_dir), cache_dir, progress)
     if not len(val_text):
         raise NMTError(f"The validation data {val_text.name} is empty; validation needs at least one pair.")
@@ -85,11 +88,11 @@ def sample_sentences(source: TrainingSource, cfg: DataConfig, seed: int, progres
 
 
 def cached_vocab(source: TrainingSource, cfg: DataConfig, run_dir: Path, seed: int, cache_dir: Path,
-                 progress: bool = True) -> Vocab:
+                 progress: bool = True, reuse_run_vocab: bool = True) -> Vocab:
     """The run's SentencePiece model(s): those already in the run directory (a resume), else a copy of
     the cached ones, else trained on the training split, cached and copied."""
     files = model_files(run_dir, cfg.vocab.joint)
-    if all(path.exists() for path in files.values()):
+    if reuse_run_vocab and all(path.exists() for path in files.values()):
         log.info("reusing SentencePiece model(s) in %s", run_dir)
         return Vocab.load(run_dir, cfg.vocab.joint)
     key = cache.entry_key({"kind": "vocab", "source": source.settings, "files": cache.file_identity(source.files),
