@@ -163,3 +163,25 @@ def test_evaluate_other_multi30k_test_sets(tmp_path):
         evaluation_data(options, tatoeba)
     with pytest.raises(ConfigError, match="eval.split='train' is not a split"):
         EvalOptions(split="train")
+
+
+def test_a_missing_or_damaged_test_split_is_explained_in_nmt_evaluate_terms(tmp_path):
+    from types import SimpleNamespace
+
+    from nmt.config import DataConfig, SplitFiles, TrainConfig
+    from nmt.evaluate import evaluation_data
+
+    def run_with(test: SplitFiles):
+        data = DataConfig(dataset="files", train=SplitFiles(tsv="t.tsv"), val=SplitFiles(tsv="v.tsv"), test=test)
+        return SimpleNamespace(files=SimpleNamespace(run_dir=tmp_path / "run"), config=TrainConfig(data=data))
+
+    cfg = EvaluateConfig(run=str(tmp_path / "run"))
+    with pytest.raises(NMTError, match=r"has no test split \(it trained without data.test\)\. Score your own files "
+                                       r"with eval.src=FILE eval.ref=FILE, or the dev set with eval.split=val\."):
+        evaluation_data(cfg, run_with(SplitFiles()))
+    bad = tmp_path / "test.tsv"
+    bad.write_text("Ein Hund.\tA dog.\nkein Tab\n", encoding="utf-8")
+    with pytest.raises(NMTError) as error:
+        evaluation_data(cfg, run_with(SplitFiles(tsv=str(bad))))
+    assert "(lines 2)" in str(error.value) and "score a copy without them with eval.src and eval.ref" in str(error.value)
+    assert "data.on_bad_line" not in str(error.value)  # not a key nmt-evaluate takes
