@@ -57,6 +57,16 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     assert "latin1.txt" in message and "line 2" in message and "on_decode_error=replace" in message
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])
+def test_a_utf16_file_is_told_to_convert_from_utf16_not_latin1(tmp_path, encoding):
+    path = write(tmp_path / "wide.txt", "Ein Hund grüßt.\nZwei Katzen.\n".encode(encoding))  # without a BOM: ü fails
+    with pytest.raises(NMTError) as error:
+        read_lines(path)
+    assert "wide.txt, line 1: invalid UTF-8" in str(error.value)
+    assert "looks like UTF-16: convert it (iconv -f utf-16 -t utf-8)" in str(error.value)
+    assert "latin1" not in str(error.value)
+
+
 def test_replace_mode_substitutes_bad_bytes(tmp_path, caplog):
     path = write(tmp_path / "latin1.txt", "gut\nso schön\n".encode("latin-1"))
     with caplog.at_level(logging.WARNING, logger="nmt"):

@@ -63,10 +63,13 @@ def decoded_lines(path: Path, on_decode_error: str = "error", report: ReadReport
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 if on_decode_error != "replace":
+                    # UTF-16 starts with a byte-order mark, and its ASCII characters come with a NUL byte each
+                    utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\x00") * 4 > len(raw)
+                    convert = ("The file looks like UTF-16: convert it (iconv -f utf-16 -t utf-8)" if utf16 else
+                               "Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
                     raise NMTError(
-                        f"{path}, line {number}: invalid UTF-8 (byte {error.start + 1} of the line). Convert the "
-                        f"file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set data.on_decode_error=replace to "
-                        f"replace bad bytes with U+FFFD."
+                        f"{path}, line {number}: invalid UTF-8 (byte {error.start + 1} of the line). {convert}, or "
+                        f"set data.on_decode_error=replace to replace bad bytes with U+FFFD."
                     ) from None
                 text = raw.decode("utf-8", errors="replace")
                 report.replaced_lines += 1
