@@ -133,6 +133,17 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def absolute_data_paths(data: dict) -> dict:
+    """The data section with the files of the own-data splits (data.train.src, ...) as absolute paths, so that
+    config.yaml finds them from any working directory and a resume compares files, not spellings."""
+    data = dict(data)
+    for split in ("train", "val", "test"):
+        if isinstance(data.get(split), dict):
+            data[split] = {key: str(Path(value).absolute()) if key in ("src", "tgt", "tsv") and value else value
+                           for key, value in data[split].items()}
+    return data
+
+
 def check_resumable(files: RunFiles, resume: bool, cfg_dict: dict) -> bool:
     """Refuse to reuse a directory that holds another run unless resuming; True when a checkpoint is resumed."""
     if not files.config.exists():
@@ -145,6 +156,7 @@ def check_resumable(files: RunFiles, resume: bool, cfg_dict: dict) -> bool:
             f"trainer.resume=true, or choose a new paths.run_dir; nothing was overwritten."
         )
     saved = read_config(files)
+    saved["data"] = absolute_data_paths(saved.get("data", {}))  # runs of earlier versions kept them as typed
     started = files.has_checkpoint()
     free = (*FREE_ON_RESUME, *READ_AT_START) if started else FREE_ON_RESUME
     changed = [d for section in FIXED_ON_RESUME for d in _differences(saved.get(section, {}), cfg_dict[section], f"{section}.")

@@ -42,7 +42,7 @@ from nmt.model.vectors import check_vectors_exist, load_pretrained_, training_wo
 from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
-from nmt.run import RunFiles, check_resumable, make_directory, write_config
+from nmt.run import RunFiles, absolute_data_paths, check_resumable, make_directory, write_config
 from nmt.runtime import keep_freed_memory, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -705,6 +705,7 @@ def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Pat
     files = RunFiles(run_dir)
     if not dist.is_main:
         setup_logging(None, level=logging.ERROR)  # rank 0 alone logs; the others report only errors
+    cfg_dict["data"] = absolute_data_paths(cfg_dict["data"])
     resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
     if dist.is_main:
         make_directory(run_dir, "paths.run_dir")

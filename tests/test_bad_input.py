@@ -244,6 +244,37 @@ def test_a_start_that_failed_leaves_no_vocabulary_the_next_start_reuses(corpus, 
     assert len((run / "spm.joint.vocab").read_text(encoding="utf-8").splitlines()) == 250
 
 
+def test_relative_data_paths_are_kept_absolute_for_evaluation_elsewhere_and_resuming(corpus, tmp_path):
+    import os
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "corpus").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("train.de", "train.en", "val.de", "val.en"):
+        shutil.copy(corpus / name, work / "corpus" / name)
+    shutil.copy(corpus / "val.de", work / "corpus" / "test.de")
+    shutil.copy(corpus / "val.en", work / "corpus" / "test.en")
+    relative = [f"data.{split}.{side}=corpus/{split}.{lang}" for split in ("train", "val", "test")
+                for side, lang in (("src", "de"), ("tgt", "en"))]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def cli(*args, cwd):
+        return subprocess.run([script_path(args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd, env=env,
+                              timeout=300)
+
+    out = cli("nmt-train", *TINY, *relative, "paths.run_dir=run", cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = (work / "run" / "config.yaml").read_text(encoding="utf-8")
+    assert f"src: {work / 'corpus' / 'train.de'}" in saved and "tsv: null" in saved
+    out = cli("nmt-evaluate", f"run={work / 'run'}", "eval.beam_size=1", cwd=elsewhere)  # the run's test split
+    assert out.returncode == 0, out.stderr[-3000:]
+    absolute = [setting.replace("=corpus/", f"={work / 'corpus'}/") for setting in relative]
+    out = cli("nmt-train", *TINY, *absolute, "paths.run_dir=run", "trainer.resume=true", "trainer.max_steps=3",
+              cwd=work)  # the same files, spelled otherwise
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_a_run_dir_that_is_a_file_is_named(corpus, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory\n", encoding="utf-8")
