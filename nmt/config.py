@@ -73,6 +73,11 @@ class SplitFiles:
     tgt: Optional[str] = None
     tsv: Optional[str] = None
 
+    @property
+    def given(self) -> bool:
+        """Whether the split has its files: the TSV, or both line-aligned files."""
+        return bool(self.tsv or (self.src and self.tgt))
+
 
 @dataclass
 class VocabConfig:
@@ -154,7 +159,7 @@ class DataConfig:
         if self.dataset == "files":
             for split in ("train", "val"):
                 files: SplitFiles = getattr(self, split)
-                if not files.tsv and not (files.src and files.tgt):
+                if not files.given:
                     raise ConfigError(
                         f"data.dataset=files needs data.{split}.src and data.{split}.tgt "
                         f"(two line-aligned files) or data.{split}.tsv (one source<TAB>target file)."

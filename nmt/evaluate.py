@@ -12,7 +12,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from nmt.config import EvaluateConfig
 from nmt.console import setup_logging
-from nmt.data.corpus import ParallelText, load_splits, read_lines
+from nmt.data.corpus import BadTsvLines, ParallelText, load_splits, read_lines
 from nmt.decoding import hypothesis_texts, translate_sentences
 from nmt.errors import NMTError
 from nmt.precision import decode_precision
@@ -50,17 +50,14 @@ def evaluation_data(cfg: EvaluateConfig, run: TrainedRun) -> tuple[str, Parallel
         raise NMTError(f"eval.split={options.split} names a Multi30k test set, but this run trained on "
                        f"data.dataset={data.dataset}; score other files with eval.src and eval.ref.")
     files = getattr(data, options.split, None) if data.dataset == "files" else None
-    if files is not None and not (files.tsv or (files.src and files.tgt)):
+    if files is not None and not files.given:
         raise NMTError(f"The run {run.files.run_dir} has no {options.split} split (it trained without "
                        f"data.{options.split}). Score your own files with eval.src=FILE eval.ref=FILE, or the dev set "
                        f"with eval.split=val.")
     try:
         return options.split, load_splits(data, data_dir, (options.split,))[options.split]
-    except NMTError as error:
-        if "data.on_bad_line=skip" not in str(error):
-            raise
-        raise NMTError(str(error).replace("set data.on_bad_line=skip to drop them (counted in the log)",
-                                          "score a copy without them with eval.src and eval.ref")) from None
+    except BadTsvLines as error:  # its own remedy names data.on_bad_line, a training setting
+        raise NMTError(error.describe("score a copy without them with eval.src and eval.ref")) from None
 
 
 def evaluate(cfg: EvaluateConfig, cfg_dict: dict | None = None) -> dict:

@@ -110,6 +110,18 @@ def read_parallel(src_path: Path, tgt_path: Path, on_decode_error: str = "error"
     return text
 
 
+class BadTsvLines(NMTError):
+    """TSV lines without exactly one tab; the message's remedy can be another command's (`describe`)."""
+
+    def __init__(self, path: Path, count: int, where: str):
+        self.path, self.count, self.where = path, count, where
+        super().__init__(self.describe("set data.on_bad_line=skip to drop them (counted in the log)"))
+
+    def describe(self, remedy: str) -> str:
+        return (f"{self.path}: {self.count} line(s) do not have exactly one tab (lines {self.where}). Each line must "
+                f"be source<TAB>target. Fix those lines, or {remedy}.")
+
+
 def iter_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error",
              on_bad_line: str = "error") -> Iterator[tuple[str, str]]:
     """Stream (source, target) fields of source<TAB>target lines, not yet cleaned; lines without exactly
@@ -124,10 +136,7 @@ def iter_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error",
     if bad:
         where = ", ".join(str(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if on_bad_line != "skip":
-            raise NMTError(
-                f"{path}: {len(bad)} line(s) do not have exactly one tab (lines {where}). Each line must be "
-                f"source<TAB>target. Fix those lines, or set data.on_bad_line=skip to drop them (counted in the log)."
-            )
+            raise BadTsvLines(path, len(bad), where)
         log.warning("%s: skipped %d line(s) without exactly one tab (lines %s)", path, len(bad), where)
 
 
@@ -220,7 +229,7 @@ def split_paths(cfg: DataConfig, data_dir: Path, split: str) -> SplitPaths:
     files = getattr(cfg, split)
     if files.tsv:
         return SplitPaths(tsv=Path(files.tsv))
-    if not (files.src and files.tgt):
+    if not files.given:
         raise NMTError(f"No {split} data: set data.{split}.src and data.{split}.tgt, or data.{split}.tsv.")
     return SplitPaths(src=Path(files.src), tgt=Path(files.tgt))
 
