@@ -35,7 +35,6 @@ from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
 from nmt.errors import Diverged, Interrupted
-from nmt.loss import cross_entropy_sum
 from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import check_vectors_exist, load_pretrained_, training_words
@@ -171,18 +170,12 @@ class BudgetSchedule:
 
 # --- one step and validation -----------------------------------------------------------------------
 
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed cross-entropy: logits (N, V) of the real target positions, targets (N,) -> scalar."""
-    return cross_entropy_sum(logits, targets, label_smoothing)
-
-
 def batch_loss(model: torch.nn.Module, batch: Batch, label_smoothing: float = 0.0,
                precision: Precision = FP32) -> torch.Tensor:
-    """Summed cross-entropy of a batch under teacher forcing, over its real target positions only."""
+    """Summed cross-entropy of a batch under teacher forcing, over its real target positions only (float32)."""
     tgt_mask = batch.tgt_out != PAD_ID  # (B, T)
     with precision.autocast():
-        logits = model(batch.src_ids, batch.src_lens, batch.tgt_in, tgt_mask)  # (N, V)
-    return sequence_loss(logits, batch.tgt_out[tgt_mask], label_smoothing)  # float32, outside autocast
+        return model(batch.src_ids, batch.src_lens, batch.tgt_in, tgt_mask, batch.tgt_out[tgt_mask], label_smoothing)
 
 
 @dataclass

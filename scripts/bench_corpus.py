@@ -163,7 +163,7 @@ def baseline_worker(steps: int) -> None:
 
     from nmt.cli import compose_config
     from nmt.model.seq2seq import build_model
-    from nmt.train import build_optimizer, sequence_loss
+    from nmt.train import build_optimizer
 
     cfg, _ = compose_config("train", ["experiment=debug"])
     torch.manual_seed(0)
@@ -174,7 +174,8 @@ def baseline_worker(steps: int) -> None:
     for _ in range(steps):
         src = torch.randint(4, DEBUG_VOCAB, (batch, length + 1))
         tgt = torch.randint(4, DEBUG_VOCAB, (batch, length + 1))
-        loss = sequence_loss(model(src, torch.full((batch,), length + 1), tgt), tgt) / tgt.numel()
+        every = torch.ones_like(tgt, dtype=torch.bool)
+        loss = model(src, torch.full((batch,), length + 1), tgt, every, tgt.flatten()) / tgt.numel()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -109,7 +109,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         first = train_step(ddp, collate(corpus, [BATCH_A, BATCH_B][rank]), optimizer, tiny_config(), dist.device, dist)
         after_first = {k: v.clone() for k, v in model.state_dict().items()}
         # second step: rank 1 alone sees an infinite logit; both ranks must skip the update
-        hook = ddp.module.output.register_forward_hook(lambda m, i, out: out * float("inf")) if rank == 1 else None
+        hook = ddp.module.decoder.pre_output.register_forward_hook(lambda m, i, out: out * float("inf")) if rank == 1 else None
         second = train_step(ddp, collate(corpus, [BATCH_A, BATCH_B][rank]), optimizer, tiny_config(), dist.device, dist)
         if hook is not None:
             hook.remove()

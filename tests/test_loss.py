@@ -1,29 +1,100 @@
-"""The fused label-smoothed cross-entropy equals torch's, in value and gradient."""
+"""The output layer fused with its label-smoothed cross-entropy equals F.linear + F.cross_entropy, in value
+and gradient, whatever the blocking; under autocast; without grad; with a frozen weight; inside the model."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nmt.loss import cross_entropy_sum
+import nmt.loss
+from nmt.config import ModelConfig
+from nmt.loss import linear_cross_entropy_sum
+from nmt.model.seq2seq import build_model
+
+
+def reference(hidden, weight, bias, targets, eps):
+    return F.cross_entropy(F.linear(hidden, weight, bias), targets, label_smoothing=eps, reduction="sum")
+
+
+def leaves(N=23, E=6, V=17, bias=True, dtype=torch.double, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda *shape: (torch.randn(*shape, generator=generator, dtype=dtype) * 2).requires_grad_()  # noqa: E731
+    return make(N, E), make(V, E), make(V) if bias else None, torch.randint(0, V, (N,), generator=generator)
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
-def test_fused_cross_entropy_equals_torch(eps):
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 11, generator=generator, dtype=torch.double) * 3
-    targets = torch.randint(0, 11, (7,), generator=generator)
-    ours_in, theirs_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ours = cross_entropy_sum(ours_in, targets, eps) * 0.5
-    theirs = F.cross_entropy(theirs_in.float(), targets, label_smoothing=eps, reduction="sum").double() * 0.5
-    assert torch.allclose(ours.double(), theirs, atol=1e-5)
-    ours.backward()
-    theirs.backward()
-    assert torch.allclose(ours_in.grad, theirs_in.grad, atol=1e-6)
-    assert torch.allclose(ours_in.grad.sum(-1), torch.zeros(7, dtype=torch.double), atol=1e-6)  # rows sum to 0
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("block_rows", [1, 5, 23, 100])  # one row a block, a ragged last block, one block
+def test_equals_linear_then_cross_entropy(monkeypatch, eps, bias, block_rows):
+    hidden, weight, bias_, targets = leaves(bias=bias)
+    monkeypatch.setitem(nmt.loss.BLOCK_ENTRIES, "cpu", block_rows * weight.size(0))
+    ours = linear_cross_entropy_sum(hidden, weight, bias_, targets, eps) * 0.5
+    theirs = reference(hidden, weight, bias_, targets, eps) * 0.5
+    assert torch.allclose(ours, theirs, rtol=1e-12)
+    for a, b in zip(grads(ours, (hidden, weight, bias_)), grads(theirs, (hidden, weight, bias_))):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_fused_cross_entropy_handles_bf16_logits():
-    logits = torch.randn(5, 9).to(torch.bfloat16).requires_grad_()
-    loss = cross_entropy_sum(logits, torch.tensor([0, 1, 2, 3, 8]), 0.1)
-    loss.backward()
-    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+def test_blocks_are_small(monkeypatch):
+    """No block holds more logits than BLOCK_ENTRIES allows (16 rows at least): the point of the blocking."""
+    hidden, weight, bias, targets = leaves(N=200, V=17)
+    monkeypatch.setitem(nmt.loss.BLOCK_ENTRIES, "cpu", 17 * 40)
+    rows, addmm = [], torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda b, x, w: rows.append(x.size(0)) or addmm(b, x, w))
+    linear_cross_entropy_sum(hidden, weight, bias, targets, 0.1).backward()
+    assert rows == [40] * 5
+
+
+def test_without_grad_gives_the_loss_alone():
+    hidden, weight, bias, targets = leaves()
+    with torch.no_grad():
+        loss = linear_cross_entropy_sum(hidden, weight, bias, targets, 0.1)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, reference(hidden, weight, bias, targets, 0.1).detach(), rtol=1e-12)
+
+
+def test_frozen_weight_gets_no_gradient():
+    hidden, weight, bias, targets = leaves()
+    frozen = weight.detach()
+    linear_cross_entropy_sum(hidden, frozen, bias, targets, 0.1).backward()
+    expected = grads(reference(hidden, frozen, bias, targets, 0.1), (hidden, bias))
+    assert frozen.grad is None
+    assert torch.allclose(hidden.grad, expected[0]) and torch.allclose(bias.grad, expected[1])
+
+
+def test_bf16_autocast_products_and_float32_loss():
+    hidden, weight, bias, targets = leaves(N=64, E=32, V=50, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy_sum(hidden, weight, bias, targets, 0.1)
+        theirs = F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, label_smoothing=0.1, reduction="sum")
+    assert ours.dtype == torch.float32
+    ours_grads, theirs_grads = grads(ours, (hidden, weight, bias)), grads(theirs, (hidden, weight, bias))
+    assert all(g.dtype == torch.float32 for g in ours_grads)  # the float32 leaves' gradients, through the casts
+    assert torch.allclose(ours, theirs, rtol=2e-3)
+    for a, b in zip(ours_grads, theirs_grads):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max()  # bf16 products round differently, not wrongly
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_loss_equals_cross_entropy_of_its_logits(tied):
+    """Seq2Seq(..., targets) is the summed loss of Seq2Seq(...)'s logits, gradients of every weight included,
+    with the output weight shared with both embeddings or not."""
+    cfg = ModelConfig(embedding_dim=8, hidden_size=10, attention_size=6, dropout=0.0,
+                      tie_embeddings=tied, tie_src_tgt=tied)
+    torch.manual_seed(0)
+    model = build_model(cfg, 30, 30).double()
+    src = torch.randint(4, 30, (3, 7))
+    src_lens = torch.tensor([7, 5, 2])
+    src[1, 5:], src[2, 2:] = 0, 0
+    tgt_in, tgt_out = torch.randint(4, 30, (3, 6)), torch.randint(4, 30, (3, 6))
+    tgt_out[0, 4:] = 0
+    mask = tgt_out != 0
+    ours = model(src, src_lens, tgt_in, mask, tgt_out[mask], 0.1)
+    theirs = F.cross_entropy(model(src, src_lens, tgt_in, mask), tgt_out[mask], label_smoothing=0.1, reduction="sum")
+    assert torch.allclose(ours, theirs, rtol=1e-12)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

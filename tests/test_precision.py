@@ -95,7 +95,7 @@ def test_non_finite_gradients_at_a_scale_of_one_are_a_real_failure():
 
 def test_a_nan_loss_in_fp16_is_a_failure_and_leaves_the_scale_alone():
     cfg, model, optimizer, batch, precision = setup("fp16")
-    model.output.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+    model.decoder.pre_output.register_forward_hook(lambda module, inputs, out: out * float("nan"))
     result = train_step(model, batch, optimizer, cfg, CPU, precision=precision)
     assert result.status == "nonfinite"
     assert precision.scaler.get_scale() == 2.0 ** 16

@@ -11,6 +11,7 @@ from torch import nn
 
 from nmt.config import ModelConfig
 from nmt.data.vocab import PAD_ID
+from nmt.loss import linear_cross_entropy_sum
 from nmt.model.decoder import Decoder
 from nmt.model.dropout import Dropout
 from nmt.model.embedding import Embeddings
@@ -79,17 +80,22 @@ class Seq2Seq(nn.Module):
         return EncoderOutput(states, keys, src_ids != PAD_ID, projected), self.decoder.init_hidden(final)
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
-                tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+                tgt_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
         """Teacher forcing: src_ids (B, S), src_lens (B,), tgt_in (B, T) -> logits (B, T, V).
 
         With tgt_mask (B, T) bool, only the real target positions reach the output layer: logits (N, V)
         for the N True positions in row-major order, so padding costs no vocabulary projection or softmax.
+        With targets (N,) as well, the pieces expected at those positions, it returns their summed
+        label-smoothed cross-entropy instead, without making the logits (`linear_cross_entropy_sum`).
         """
         encoded, hidden = self.encode(src_ids, src_lens)
         embedded = self._dropped(self.tgt_embed(tgt_in))  # (B, T, E)
         pre_output, _ = self.decoder(embedded, hidden, encoded.states, encoded.keys, encoded.mask)  # (B, T, E)
         if tgt_mask is not None:
             pre_output = pre_output[tgt_mask]  # (N, E)
+        if targets is not None:
+            return linear_cross_entropy_sum(pre_output, self.output.weight, self.output.bias, targets, label_smoothing)
         return self.output(pre_output)  # (B, T, V) or (N, V)
 
     def token_terms(self, prev_ids: torch.Tensor) -> torch.Tensor:
