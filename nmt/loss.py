@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from nmt.model.recurrence import apply_unrolled
+
 # Entries of the (N, V) logits that one block of LinearCrossEntropy holds: 8M (32 MB in fp32) on a CPU
 # (2M measured no faster); on a GPU a few large blocks, to launch few kernels.
 BLOCK_ENTRIES = {"cpu": 2**23}
@@ -79,16 +81,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_bias -= eps / V * N
             grad_bias.index_add_(0, targets, grad_bias.new_full((N,), one_hot))
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.dtypes
-        scale = lambda grad, dtype: None if grad is None else (grad * grad_loss).to(dtype)  # noqa: E731
-        return (scale(grad_hidden, grad_hidden.dtype if grad_hidden is not None else None),
-                scale(grad_weight, weight_dtype), scale(grad_bias, bias_dtype), None, None, None)
+        grads = [None if grad is None else (grad * grad_loss).to(dtype)
+                 for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -98,12 +98,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     label_smoothing=label_smoothing, reduction="sum").
     hidden (N, E), weight (V, E), bias (V,) or None, targets (N,). Under autocast the product runs in the
     autocast dtype, as F.linear's would; the softmax and the loss are float32."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
     grad = torch.is_grad_enabled()
     wanted = tuple(bool(grad and t is not None and t.requires_grad) for t in (hidden, weight, bias))
-    with torch.autocast(device, enabled=False):
-        return LinearCrossEntropy.apply(hidden, weight, bias, targets, float(label_smoothing), wanted)
+    return apply_unrolled(LinearCrossEntropy, hidden, weight, bias, targets, float(label_smoothing), wanted)
