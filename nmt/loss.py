@@ -25,7 +25,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     label-smoothed cross-entropy of the logits hidden @ weight.T + bias (scalar, float32).
 
     The (N, V) logits never exist whole. Each block of rows is projected, turned into its softmax, and
-    multiplied straight back into the gradients of hidden, weight and bias while it is still in cache;
+    multiplied straight back into the gradients of hidden, weight and bias before the next block is made;
     backward only scales those by the loss's gradient. The gradient of a row's loss with respect to its
     logits is softmax - eps / V - (1 - eps) * one_hot(y); its constant and one-hot parts are
     applied once, to the small results: g @ W = p @ W - eps / V * colsum(W) - (1 - eps) * W[y], and the
