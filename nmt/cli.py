@@ -114,14 +114,18 @@ def unknown_keys(typed: object, plain: dict, prefix: str = "") -> list[str]:
     return unknown
 
 
-def compose_config(name: str, overrides: list[str]):
-    """Compose configs/<name>.yaml with overrides -> (dataclass config, plain dict)."""
+def compose_config(name: str, overrides: list[str], show: bool = False):
+    """Compose configs/<name>.yaml with overrides -> (dataclass config, plain dict). show: print the
+    composed config first, before any check, so that --cfg shows even a config that is not complete yet
+    (experiment=files before its data keys are set) and what to fill in."""
     store = ConfigStore.instance()
     for schema_name, schema in SCHEMAS.items():
         store.store(name=f"{schema_name}_schema", node=schema)
     try:
         with initialize_config_module(config_module="nmt.configs", version_base=None):
             cfg = compose(config_name=name, overrides=overrides)
+        if show:
+            print(OmegaConf.to_yaml(cfg))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             fail(f"Missing required setting(s): {', '.join(missing)}. Add e.g. {missing[0]}=... to the command.")
@@ -192,9 +196,8 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
             example = "paths.run_dir=runs/x" if name == "train" else f"run={arg if '/' in arg else 'runs/x'}"
             fail(f"{arg!r} is not a setting: give settings as key=value (e.g. {example}); "
                  f"--cfg (alone) prints the composed config, and --help lists the config groups.")
-    cfg, cfg_dict = compose_config(name, overrides)
-    if show:
-        print(OmegaConf.to_yaml(cfg_dict))
+    cfg, cfg_dict = compose_config(name, overrides, show)
+    if show:  # printed, and it passed the checks
         return
     limit_kernel_caches()  # before any bf16 work: oneDNN's caches would grow with every new shape
     try:

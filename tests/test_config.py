@@ -205,6 +205,16 @@ def test_cfg_flag_prints_the_composed_config_and_does_no_work(capsys):
     out = capsys.readouterr().out
     assert "hidden_size: 7" in out and "name: debug" in out
 
+def test_cfg_flag_shows_an_incomplete_config_then_says_what_it_lacks(capsys):
+    # experiment=files has no data files until the user names them: --cfg is how they see which keys
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: pytest.fail("--cfg must not train"), ["experiment=files", "--cfg"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "dataset: files" in captured.out and "tsv: null" in captured.out
+    assert captured.err.startswith("nmt: error: data.dataset=files needs data.train.src and data.train.tgt")
+
+
 
 @pytest.mark.parametrize("argv, word", [(["foo"], "foo"), (["--cfg", "job"], "job"),
                                         (["experiment=debug", "trainer.max_steps"], "trainer.max_steps")])
