@@ -118,6 +118,27 @@ def test_tsv_lines_without_one_tab_are_named_and_skip_counts_them(corpus, tmp_pa
     assert "skipped 2 line(s)" in out.stderr
 
 
+def test_bad_test_data_stops_the_start_of_training_not_the_evaluation_after_it(corpus, tmp_path):
+    # nmt-evaluate would find these only after the whole run; nothing may be trained or recorded first
+    rows = [s + b"\t" + t for s, t in zip(lines_of(corpus / "val.de"), lines_of(corpus / "val.en"))]
+    rows[2] = rows[2].replace(b"\t", b" ")
+    out = nmt_train(corpus, tmp_path / "run", corpus / "train.de", corpus / "train.en",
+                    f"data.test.tsv={write_lines(tmp_path / 'test.tsv', rows)}")
+    assert_clean_error(out, f"{tmp_path / 'test.tsv'}: 1 line(s) do not have exactly one tab (lines 3)")
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "spm.joint.model").exists()
+    (tmp_path / "empty.de").write_text("")
+    out = nmt_train(corpus, tmp_path / "run2", corpus / "train.de", corpus / "train.en",
+                    f"data.test.src={tmp_path / 'empty.de'}", f"data.test.tgt={tmp_path / 'empty.de'}")
+    assert_clean_error(out, "The test data", "is empty, so nmt-evaluate would have nothing to score")
+    out = nmt_train(corpus, tmp_path / "run3", corpus / "train.de", corpus / "train.en",
+                    f"data.test.src={corpus / 'val.de'}", f"data.test.tgt={corpus / 'train.en'}")
+    assert_clean_error(out, "not line-aligned", "val.de has 20 lines", "train.en has 200")
+    out = nmt_train(corpus, tmp_path / "run4", corpus / "train.de", corpus / "train.en",
+                    f"data.test.src={corpus / 'val.de'}", f"data.test.tgt={corpus / 'val.en'}")
+    assert_trained(out, PAIRS)
+    assert "test data: 20 pairs" in out.stderr
+
+
 def test_a_one_megabyte_line_is_filtered_and_counted(corpus, tmp_path):
     src, tgt = lines_of(corpus / "train.de"), lines_of(corpus / "train.en")
     src[100] = b"Ein Mann " * 120_000  # about 1 MB
@@ -127,15 +148,15 @@ def test_a_one_megabyte_line_is_filtered_and_counted(corpus, tmp_path):
     assert "too_long: 1" in out.stderr
 
 
-def test_a_missing_file_names_the_path(corpus, tmp_path):
+def test_a_missing_file_names_the_path_and_its_key(corpus, tmp_path):
     missing = tmp_path / "nowhere" / "train.de"
     out = nmt_train(corpus, tmp_path / "run", missing, corpus / "train.en")
-    assert_clean_error(out, str(missing), "does not exist")
+    assert_clean_error(out, f"data.train.src={missing}: there is no such file")
 
 
-def test_a_directory_where_a_file_belongs_names_it(corpus, tmp_path):
-    out = nmt_train(corpus, tmp_path / "run", corpus, corpus / "train.en")
-    assert_clean_error(out, str(corpus), "is a directory")
+def test_a_directory_where_a_file_belongs_names_it_and_its_key(corpus, tmp_path):
+    out = nmt_train(corpus, tmp_path / "run", corpus / "train.de", corpus)
+    assert_clean_error(out, f"data.train.tgt={corpus} is a directory; data.train.tgt takes a text file")
 
 
 def test_a_corpus_empty_after_filtering_names_the_limits(corpus, tmp_path):

@@ -228,10 +228,22 @@ def split_paths(cfg: DataConfig, data_dir: Path, split: str) -> SplitPaths:
         return multi30k_paths(data_dir, stem, cfg.src_lang, cfg.tgt_lang)
     files = getattr(cfg, split)
     if files.tsv:
-        return SplitPaths(tsv=Path(files.tsv))
+        return SplitPaths(tsv=_given_file(f"data.{split}.tsv", files.tsv))
     if not files.given:
         raise NMTError(f"No {split} data: set data.{split}.src and data.{split}.tgt, or data.{split}.tsv.")
-    return SplitPaths(src=Path(files.src), tgt=Path(files.tgt))
+    return SplitPaths(src=_given_file(f"data.{split}.src", files.src), tgt=_given_file(f"data.{split}.tgt", files.tgt))
+
+
+def _given_file(key: str, value: str) -> Path:
+    """A data file the user named, checked with the key that named it (the error says which setting to fix)."""
+    path = Path(value)
+    if not path.exists():
+        raise NMTError(f"{key}={value}: there is no such file (relative paths start from {Path.cwd()}). "
+                       f"Check the path, or give {key} the file's absolute path.")
+    if path.is_dir():
+        raise NMTError(f"{key}={value} is a directory; {key} takes a text file with one sentence per line"
+                       f"{' (source<TAB>target)' if key.endswith('.tsv') else ''}: give the path of the file in it.")
+    return path
 
 
 def load_splits(cfg: DataConfig, data_dir: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, ParallelText]:

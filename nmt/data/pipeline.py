@@ -54,6 +54,7 @@ def prepare_training_data(cfg: DataConfig, data_dir: Path, run_dir: Path, seed: 
     cache_dir = Path(cache_dir) if cache_dir is not None else cache.cache_root(None, run_dir)
     source = training_source(cfg, data_dir)
     val_text = _limit(load_splits(cfg, data_dir, ("val",))["val"], cfg.val_limit)
+    check_test_data(cfg, data_dir)  # before minutes of SentencePiece and encoding
     vocab = cached_vocab(source, cfg, Path(run_dir), seed, cache_dir, progress, reuse_run_vocab)
     train = cached_corpus(source, vocab, cfg, Path(run_dir), cache_dir, progress)
     if not len(val_text):
@@ -62,6 +63,20 @@ def prepare_training_data(cfg: DataConfig, data_dir: Path, run_dir: Path, seed: 
     val_encoded = EncodedCorpus.from_lists(vocab.encode(val_text.src, "src"), vocab.encode(val_text.tgt, "tgt"))
     log.info("data: %d training pairs, %d validation pairs", len(train), len(val_text))
     return TrainingData(vocab, train, val_text, val_encoded)
+
+
+def check_test_data(cfg: DataConfig, data_dir: Path) -> None:
+    """Read the user's test files now, so that a mistake in them (a missing file, bad UTF-8, a TSV line
+    without its tab, two files that are not line-aligned) stops the start of training, not nmt-evaluate
+    after it. Named data sets are checked when they are downloaded."""
+    if cfg.dataset != "files" or not cfg.test.given:
+        return
+    test = load_splits(cfg, data_dir, ("test",))["test"]
+    if not len(test):
+        raise NMTError(f"The test data {test.name} is empty, so nmt-evaluate would have nothing to score. Give "
+                       f"data.test a file with at least one pair, or leave it out (data.test.src=null "
+                       f"data.test.tgt=null data.test.tsv=null) and score files later with eval.src and eval.ref.")
+    log.info("test data: %d pairs (nmt-evaluate scores them)", len(test))
 
 
 # --- the vocabulary ------------------------------------------------------------------------------------
