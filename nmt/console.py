@@ -9,6 +9,26 @@ from pathlib import Path
 from tqdm import tqdm
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
+ONCE = {"once": True}  # log.warning(..., extra=ONCE): said once per command, however often it recurs
+
+
+class SayOnce(logging.Filter):
+    """Drops a record marked with extra=ONCE whose text was already logged. The training text is read
+    twice (for SentencePiece, then to encode it), and a warning about one of its lines would otherwise
+    come twice; setup_logging starts each command with a fresh one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "once", False):
+            return True
+        if not hasattr(record, "first_time"):  # decided once per record, for all the handlers
+            text = record.getMessage()
+            record.first_time = text not in self.said
+            self.said.add(text)
+        return record.first_time
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -28,13 +48,16 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
+    once = SayOnce()  # one for both handlers: what the console dropped, the file drops too
     console = TqdmHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
+    console.addFilter(once)
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))
+        file_handler.addFilter(once)
         root.addHandler(file_handler)
 
 

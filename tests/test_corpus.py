@@ -10,6 +10,7 @@ import pytest
 from nmt.config import DataConfig, SplitFiles
 from nmt.data.corpus import (FilterReport, ParallelText, clean_line, drop_empty, heldout_split, length_filter,
                              load_splits, read_lines, read_parallel, read_tsv, tutorial_filter)
+from nmt.console import setup_logging
 from nmt.errors import NMTError
 
 
@@ -132,6 +133,29 @@ def test_read_tsv_skip_drops_bad_lines_and_keeps_pairs_aligned(tmp_path, caplog)
         text = read_tsv(path, on_bad_line="skip")
     assert text.src == ["a", "c"] and text.tgt == ["b", "d"]
     assert "skipped 2 line(s)" in caplog.text
+
+
+def test_a_file_read_twice_warns_once_on_the_console_and_in_the_log(tmp_path, capsys):
+    # training text is read for SentencePiece, then to encode it: the same warning twice says nothing new
+    path = write(tmp_path / "p.tsv", b"a\tb\nno tab here\nc\td\n")
+    latin = write(tmp_path / "l.txt", "Gr\u00fcn\n".encode("latin-1"))
+    log_file = tmp_path / "run" / "train.log"
+    try:
+        setup_logging(log_file)
+        for _ in range(3):
+            read_tsv(path, on_bad_line="skip")
+            read_lines(latin, on_decode_error="replace")
+        logging.getLogger("nmt.data").warning("said twice")
+        logging.getLogger("nmt.data").warning("said twice")  # only warnings marked ONCE are merged
+        setup_logging(log_file)  # a new command (or run) says it again
+        read_tsv(path, on_bad_line="skip")
+    finally:
+        setup_logging()
+    err = capsys.readouterr().err.splitlines()
+    logged = [line.split(" ", 3)[3] for line in log_file.read_text(encoding="utf-8").splitlines()]
+    skipped = f"{path}: skipped 1 line(s) without exactly one tab (lines 2)"
+    expected = [skipped, f"{latin}: replaced invalid UTF-8 on 1 line(s)", "said twice", "said twice", skipped]
+    assert err == expected and logged == expected
 
 
 def test_files_dataset_reads_tsv_and_two_file_splits(tiny_corpus):

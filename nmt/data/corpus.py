@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from nmt.config import DataConfig
+from nmt.console import ONCE
 from nmt.data.sources import SplitPaths, multi30k_paths, tatoeba_path
 from nmt.errors import NMTError
 
@@ -75,7 +76,7 @@ def decoded_lines(path: Path, on_decode_error: str = "error", report: ReadReport
                 report.replaced_lines += 1
             yield number, text
     if report.replaced_lines:
-        log.warning("%s: replaced invalid UTF-8 on %d line(s)", path, report.replaced_lines)
+        log.warning("%s: replaced invalid UTF-8 on %d line(s)", path, report.replaced_lines, extra=ONCE)
 
 
 def read_lines(path: Path, on_decode_error: str = "error") -> list[str]:
@@ -137,7 +138,7 @@ def iter_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error",
         where = ", ".join(str(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if on_bad_line != "skip":
             raise BadTsvLines(path, len(bad), where)
-        log.warning("%s: skipped %d line(s) without exactly one tab (lines %s)", path, len(bad), where)
+        log.warning("%s: skipped %d line(s) without exactly one tab (lines %s)", path, len(bad), where, extra=ONCE)
 
 
 def read_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error", on_bad_line: str = "error") -> ParallelText:
