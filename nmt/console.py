@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -68,3 +70,29 @@ def log_to_file(text: str, level: int = logging.ERROR) -> None:
     for handler in root.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+class _Keeper(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def kept_records() -> Iterator[list[logging.LogRecord]]:
+    """What is logged inside the block (to the console as usual), kept for the run's log file, which is
+    not open yet: hand the records to log_records_to_file once it is."""
+    keeper, root = _Keeper(), logging.getLogger("nmt")
+    root.addHandler(keeper)
+    try:
+        yield keeper.records
+    finally:
+        root.removeHandler(keeper)
+
+
+def log_records_to_file(records: list[logging.LogRecord]) -> None:
+    for record in records:
+        log_to_file(record.getMessage(), record.levelno)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nmt import distributed
 from nmt.checkpoint import average_states, load_checkpoint, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
-from nmt.console import setup_logging
+from nmt.console import kept_records, log_records_to_file, setup_logging
 from nmt.data.batching import Batch, EncodedCorpus, collate, epoch_batches, padding_share
 from nmt.data.cache import cache_root
 from nmt.data.pipeline import TrainingData, prepare_training_data
@@ -696,13 +696,15 @@ def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Pat
     # rank 0's choice, so that a default (timestamped) directory is the same on every rank
     run_dir = dist.broadcast(Path(cfg.paths.run_dir) if cfg.paths.run_dir else default_run_dir(cfg))
     files = RunFiles(run_dir)
-    if not dist.is_main:
-        setup_logging(None, level=logging.ERROR)  # rank 0 alone logs; the others report only errors
+    # rank 0 alone logs (to the console until the run's log file is open); the others report only errors
+    setup_logging(None, level=logging.INFO if dist.is_main else logging.ERROR)
     cfg_dict["data"] = absolute_data_paths(cfg_dict["data"])
-    resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
+    with kept_records() as said:  # e.g. "nothing to resume yet": the run's log should have it too
+        resuming = check_resumable(files, cfg.trainer.resume, cfg_dict)
     if dist.is_main:
         make_directory(run_dir, "paths.run_dir")
         setup_logging(files.log)
+        log_records_to_file(said)
     cfg_dict["paths"]["run_dir"] = str(run_dir)
     # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)
     cfg_dict["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())

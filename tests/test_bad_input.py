@@ -209,6 +209,16 @@ def test_a_run_directory_holding_another_run_is_refused(corpus, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before  # nothing touched
 
 
+def test_resume_with_nothing_to_resume_says_so_on_the_console_and_in_the_run_log(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    out = nmt_train(corpus, run_dir, corpus / "train.de", corpus / "train.en", "trainer.resume=true")
+    assert_trained(out, PAIRS)
+    said = f"trainer.resume=true but {run_dir} holds no run yet; starting from the beginning"
+    assert said in out.stderr
+    first = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()[0]
+    assert first.split(" ", 2)[2] == f"WARNING {said}"
+
+
 # --- evaluation and translation --------------------------------------------------------------------------------
 
 def test_an_evaluation_reference_with_the_wrong_line_count(debug_run, tmp_path):
