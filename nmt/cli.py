@@ -29,6 +29,9 @@ from nmt.errors import NMTError
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig,
            "embeddings": InspectConfig}
 EXIT_USER_ERROR = 2
+INTERRUPTED = {"train": " before training started, so there is nothing to resume. Run the same command again: what "
+                        "the data preparation finished (SentencePiece models, the encoded training data) is cached "
+                        "and reused."}
 
 USAGE = """usage: nmt-{name} [key=value ...] [--cfg] [--help]
 
@@ -208,9 +211,9 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
             print_error(f"(rank {rank}) {error}", error.label)
             sys.exit(error.exit_code)
         fail(str(error), error.exit_code, error.label)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # in nmt-train, only before training starts: the trainer handles it after
         if torchrun_rank() == 0:
-            print("nmt: interrupted", file=sys.stderr)
+            print(f"nmt: interrupted{INTERRUPTED.get(name, '')}", file=sys.stderr)
             log_to_file("interrupted", logging.WARNING)
         sys.exit(130)
 

@@ -216,6 +216,21 @@ def test_cfg_flag_shows_an_incomplete_config_then_says_what_it_lacks(capsys):
 
 
 
+@pytest.mark.parametrize("name, says", [("train", "nmt: interrupted before training started, so there is nothing to "
+                                                 "resume. Run the same command again"),
+                                        ("evaluate", "nmt: interrupted\n")])
+def test_ctrl_c_before_the_trainer_runs_says_what_to_do(name, says, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+
+    def task(cfg, cfg_dict):
+        raise KeyboardInterrupt  # e.g. while SentencePiece trains: the trainer's own handler is not installed yet
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(name, task, ["experiment=debug"] if name == "train" else ["run=runs/x"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.startswith(says)
+
+
 @pytest.mark.parametrize("argv, word", [(["foo"], "foo"), (["--cfg", "job"], "job"),
                                         (["experiment=debug", "trainer.max_steps"], "trainer.max_steps")])
 def test_a_word_without_a_value_is_named(argv, word, capsys):
