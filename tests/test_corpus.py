@@ -9,7 +9,7 @@ import pytest
 
 from nmt.config import DataConfig, SplitFiles
 from nmt.data.corpus import (FilterReport, ParallelText, clean_line, drop_empty, heldout_split, length_filter,
-                             load_splits, read_lines, read_parallel, read_tsv, tutorial_filter)
+                             load_splits, read_lines, read_parallel, read_tsv, training_source, tutorial_filter)
 from nmt.console import setup_logging
 from nmt.errors import NMTError
 
@@ -237,6 +237,15 @@ def test_tatoeba_duplicates_never_straddle_splits(shared_data_dir):
     assert not english["train"] & english["val"] and not english["train"] & english["test"]
     assert not english["val"] & english["test"]
     assert all(len(s.split(" ")) < 10 for s in splits["train"].tgt)
+
+
+@pytest.mark.parametrize("limit", [0, 500])
+def test_the_progress_bars_of_tatoeba_count_its_training_pairs_not_the_file_lines(shared_data_dir, limit):
+    cfg = DataConfig(dataset="tatoeba", src_lang="fr", tgt_lang="en", tutorial_filter=True, train_limit=limit)
+    source = training_source(cfg, shared_data_dir)
+    pairs = sum(1 for _ in source.pairs())
+    assert pairs == (limit or len(load_splits(cfg, shared_data_dir, ("train",))["train"]))
+    assert source.approximate_size() == pairs and sum(1 for _ in source.pairs()) == pairs  # and read again
 
 
 def test_a_download_without_network_says_where_the_file_goes(tmp_path, monkeypatch):

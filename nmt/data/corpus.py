@@ -8,6 +8,7 @@ never held as Python strings; dev and test are small and read whole.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import zlib
@@ -266,6 +267,7 @@ class TrainingSource:
     settings: dict
     open_pairs: Callable[[], Iterator[tuple[str, str]]]
     limit: int = 0  # data.train_limit: only the first pairs (0 = all)
+    count: Callable[[], int] | None = None  # the number of pairs, where the first file's lines are not it
 
     def pairs(self) -> Iterator[tuple[str, str]]:
         """Raw pairs, not yet cleaned (clean_line each side); read from disk each time."""
@@ -274,7 +276,7 @@ class TrainingSource:
 
     def approximate_size(self) -> int:
         """Pairs to expect, for progress bars: the first file's line count (cut to the limit)."""
-        lines = count_lines(self.files[0])
+        lines = self.count() if self.count else count_lines(self.files[0])
         return min(lines, self.limit) if self.limit else lines
 
     def total_bytes(self) -> int:
@@ -289,11 +291,13 @@ def training_source(cfg: DataConfig, data_dir: Path) -> TrainingSource:
         settings.update(tutorial_filter=cfg.tutorial_filter, heldout_fraction=cfg.heldout_fraction)
         path = tatoeba_path(Path(data_dir))
 
-        def tatoeba_pairs() -> Iterator[tuple[str, str]]:
-            train = load_tatoeba(cfg, Path(data_dir))["train"]
-            return zip(train.src, train.tgt)
+        @functools.cache  # read once: it is small, and the pairs are counted as well as read
+        def tatoeba_train() -> ParallelText:
+            return load_tatoeba(cfg, Path(data_dir))["train"]
 
-        return TrainingSource(f"{path}:train", [path], settings, tatoeba_pairs, cfg.train_limit)
+        return TrainingSource(f"{path}:train", [path], settings,
+                              lambda: zip(tatoeba_train().src, tatoeba_train().tgt), cfg.train_limit,
+                              count=lambda: len(tatoeba_train()))  # not the file's lines: test, val, the filter
     paths = split_paths(cfg, Path(data_dir), "train")
     if paths.tsv is not None:
         _check_file(paths.tsv)
