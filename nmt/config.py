@@ -157,13 +157,15 @@ class DataConfig:
                               f"got {self.subword_nbest}.")
         check_non_negative("data.encode_workers", self.encode_workers)
         if self.dataset == "files":
+            lacking = [split for split in ("train", "val") if not getattr(self, split).given]
+            if lacking:
+                what = {"train": "training data", "val": "dev data"}
+                needs = "; and ".join(f"{what[s]}: data.{s}.src and data.{s}.tgt (two line-aligned files), or "
+                                      f"data.{s}.tsv (one source<TAB>target file)" for s in lacking)
+                raise ConfigError(f"data.dataset=files needs {needs}. data.test is optional (the test set that "
+                                  f"nmt-evaluate scores).")
             for split in ("train", "val"):
                 files: SplitFiles = getattr(self, split)
-                if not files.given:
-                    raise ConfigError(
-                        f"data.dataset=files needs data.{split}.src and data.{split}.tgt "
-                        f"(two line-aligned files) or data.{split}.tsv (one source<TAB>target file)."
-                    )
                 if files.tsv and (files.src or files.tgt):
                     raise ConfigError(f"Set either data.{split}.tsv or data.{split}.src/tgt, not both.")
 

@@ -212,7 +212,9 @@ def test_cfg_flag_shows_an_incomplete_config_then_says_what_it_lacks(capsys):
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert "dataset: files" in captured.out and "tsv: null" in captured.out
-    assert captured.err.startswith("nmt: error: data.dataset=files needs data.train.src and data.train.tgt")
+    assert captured.err.startswith("nmt: error: data.dataset=files needs training data: data.train.src and "
+                                   "data.train.tgt (two line-aligned files), or data.train.tsv")
+    assert "; and dev data: data.val.src and data.val.tgt" in captured.err  # every missing split at once
 
 
 
