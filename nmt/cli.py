@@ -10,17 +10,15 @@ prints them; an error of one rank's own is printed by that rank, naming it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import re
+import signal
 import sys
-from typing import Callable
-
-from hydra import compose, initialize_config_module
-from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from nmt.config import EvaluateConfig, InspectConfig, TrainConfig, TranslateConfig
 from nmt.console import log_to_file
@@ -121,6 +119,14 @@ def compose_config(name: str, overrides: list[str], show: bool = False):
     """Compose configs/<name>.yaml with overrides -> (dataclass config, plain dict). show: print the
     composed config first, before any check, so that --cfg shows even a config that is not complete yet
     (experiment=files before its data keys are set) and what to fill in."""
+    # imported here, not with the module: Ctrl-C in the first second of a command (while these and torch load)
+    # then reaches main's handler instead of printing a traceback
+    from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     store = ConfigStore.instance()
     for schema_name, schema in SCHEMAS.items():
         store.store(name=f"{schema_name}_schema", node=schema)
@@ -186,6 +192,18 @@ def limit_kernel_caches(capacity: int = 8) -> None:
 
 
 def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
+    """Compose the config from argv and call task(cfg, cfg_dict); a user's mistake, or Ctrl-C at any point
+    (importing torch included), ends with one paragraph and the exit status, never a traceback."""
+    try:
+        _main(name, task, argv)
+    except KeyboardInterrupt:  # in nmt-train, only before training starts: the trainer handles it after
+        if torchrun_rank() == 0:
+            print(f"nmt: interrupted{INTERRUPTED.get(name, '')}", file=sys.stderr)
+            log_to_file("interrupted", logging.WARNING)
+        sys.exit(130)
+
+
+def _main(name: str, task: Callable, argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(USAGE.format(name=name, groups=_groups(name)))
@@ -211,29 +229,46 @@ def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
             print_error(f"(rank {rank}) {error}", error.label)
             sys.exit(error.exit_code)
         fail(str(error), error.exit_code, error.label)
-    except KeyboardInterrupt:  # in nmt-train, only before training starts: the trainer handles it after
-        if torchrun_rank() == 0:
-            print(f"nmt: interrupted{INTERRUPTED.get(name, '')}", file=sys.stderr)
-            log_to_file("interrupted", logging.WARNING)
-        sys.exit(130)
+
+
+def _imported_when_called(module: str, function: str) -> Callable:
+    """The task module.function, imported (and torch with it) only once the config is composed, inside main's
+    handling of Ctrl-C; --help and --cfg never import torch."""
+    def task(cfg, cfg_dict):
+        with ctrl_c_held():
+            imported = importlib.import_module(module)
+        return getattr(imported, function)(cfg, cfg_dict)
+
+    return task
+
+
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt. A KeyboardInterrupt raised while torch
+    loads can land inside its C++ start-up, which then aborts the process (status 134, no message)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def train() -> None:
-    from nmt.train import train as run_training
-
-    main("train", run_training)
+    main("train", _imported_when_called("nmt.train", "train"))
 
 
 def evaluate() -> None:
-    from nmt.evaluate import evaluate as run_evaluation
-
-    main("evaluate", run_evaluation)
+    main("evaluate", _imported_when_called("nmt.evaluate", "evaluate"))
 
 
 def translate() -> None:
-    from nmt.translate import translate as run_translation
-
-    main("translate", run_translation)
+    main("translate", _imported_when_called("nmt.translate", "translate"))
 
 
 def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
@@ -248,6 +283,5 @@ def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
 
 
 def embeddings() -> None:
-    from nmt.inspector import inspect_embeddings
-
-    main("embeddings", inspect_embeddings, quote_free_text(sys.argv[1:], ("query", "analogy")))
+    main("embeddings", _imported_when_called("nmt.inspector", "inspect_embeddings"),
+         quote_free_text(sys.argv[1:], ("query", "analogy")))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -231,6 +233,44 @@ def test_ctrl_c_before_the_trainer_runs_says_what_to_do(name, says, capsys, monk
         main(name, task, ["experiment=debug"] if name == "train" else ["run=runs/x"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.startswith(says)
+
+
+def test_ctrl_c_while_the_config_is_composed_is_no_traceback_either(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+
+    def compose(*args):
+        raise KeyboardInterrupt  # Hydra loads on the first compose: the first second of every command
+
+    monkeypatch.setattr("nmt.cli.compose_config", compose)
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", lambda cfg, cfg_dict: pytest.fail("nothing was composed"), ["experiment=debug"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.startswith("nmt: interrupted before training started")
+
+
+def test_ctrl_c_while_torch_loads_is_held_until_the_import_is_done():
+    import signal
+
+    from nmt.cli import ctrl_c_held
+
+    before, finished = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once, to the held handler
+            finished.append(True)
+    assert finished and signal.getsignal(signal.SIGINT) is before
+    with ctrl_c_held():  # no Ctrl-C: nothing raised
+        pass
+
+
+def test_the_console_scripts_load_torch_and_hydra_only_inside_main():
+    # what loads before main runs is not covered by its Ctrl-C handling; --cfg needs no torch at all
+    code = ("import sys; import nmt.cli as cli; before = {m for m in ('torch', 'hydra') if m in sys.modules}; "
+            "sys.argv = ['nmt-train', 'experiment=debug', '--cfg']; cli.train(); "
+            "print(sorted(before), 'torch' in sys.modules, 'hydra' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "name: debug" in out.stdout and out.stderr.strip() == "[] False True"
 
 
 @pytest.mark.parametrize("argv, word", [(["foo"], "foo"), (["--cfg", "job"], "job"),
