@@ -89,6 +89,10 @@ def test_invalid_utf8_names_file_and_line_and_replace_counts_it(corpus, tmp_path
     out = nmt_train(corpus, tmp_path / "run2", latin, corpus / "train.en", "data.on_decode_error=replace")
     assert_trained(out, PAIRS)
     assert out.stderr.count("replaced invalid UTF-8 on 1 line") == 1  # read twice (SentencePiece, encoding), said once
+    out = nmt_train(corpus, tmp_path / "run3", latin, corpus / "train.en", "data.on_decode_error=replace")
+    assert_trained(out, PAIRS)  # from the cache, without reading the text: the warning comes from the entry
+    assert "reusing cache" in out.stderr and out.stderr.count("replaced invalid UTF-8 on 1 line") == 1
+    assert "replaced invalid UTF-8 on 1 line" in (tmp_path / "run3" / "train.log").read_text(encoding="utf-8")
 
 
 def test_crlf_bom_nul_and_unicode_separators_keep_pairs_aligned(corpus, tmp_path):
@@ -124,7 +128,7 @@ def test_bad_test_data_stops_the_start_of_training_not_the_evaluation_after_it(c
     rows[2] = rows[2].replace(b"\t", b" ")
     out = nmt_train(corpus, tmp_path / "run", corpus / "train.de", corpus / "train.en",
                     f"data.test.tsv={write_lines(tmp_path / 'test.tsv', rows)}")
-    assert_clean_error(out, f"{tmp_path / 'test.tsv'}: 1 line(s) do not have exactly one tab (lines 3)")
+    assert_clean_error(out, f"{tmp_path / 'test.tsv'}: 1 line(s) do not have exactly one tab (line 3)")
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "spm.joint.model").exists()
     (tmp_path / "empty.de").write_text("")
     out = nmt_train(corpus, tmp_path / "run2", corpus / "train.de", corpus / "train.en",

@@ -153,7 +153,7 @@ def test_a_file_read_twice_warns_once_on_the_console_and_in_the_log(tmp_path, ca
         setup_logging()
     err = capsys.readouterr().err.splitlines()
     logged = [line.split(" ", 3)[3] for line in log_file.read_text(encoding="utf-8").splitlines()]
-    skipped = f"{path}: skipped 1 line(s) without exactly one tab (lines 2)"
+    skipped = f"{path}: skipped 1 line(s) without exactly one tab (line 2)"
     expected = [skipped, f"{latin}: replaced invalid UTF-8 on 1 line(s)", "said twice", "said twice", skipped]
     assert err == expected and logged == expected
 

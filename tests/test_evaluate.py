@@ -183,5 +183,5 @@ def test_a_missing_or_damaged_test_split_is_explained_in_nmt_evaluate_terms(tmp_
     bad.write_text("Ein Hund.\tA dog.\nkein Tab\n", encoding="utf-8")
     with pytest.raises(NMTError) as error:
         evaluation_data(cfg, run_with(SplitFiles(tsv=str(bad))))
-    assert "(lines 2)" in str(error.value) and "score a copy without them with eval.src and eval.ref" in str(error.value)
+    assert "(line 2)" in str(error.value) and "score a copy without them with eval.src and eval.ref" in str(error.value)
     assert "data.on_bad_line" not in str(error.value)  # not a key nmt-evaluate takes

@@ -120,8 +120,12 @@ class BadTsvLines(NMTError):
         super().__init__(self.describe("set data.on_bad_line=skip to drop them (counted in the log)"))
 
     def describe(self, remedy: str) -> str:
-        return (f"{self.path}: {self.count} line(s) do not have exactly one tab (lines {self.where}). Each line must "
-                f"be source<TAB>target. Fix those lines, or {remedy}.")
+        return (f"{self.path}: {self.count} line(s) do not have exactly one tab ({_lines(self.count)} {self.where}). "
+                f"Each line must be source<TAB>target. Fix those lines, or {remedy}.")
+
+
+def _lines(count: int) -> str:
+    return "line" if count == 1 else "lines"
 
 
 def iter_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error",
@@ -139,7 +143,8 @@ def iter_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error",
         where = ", ".join(str(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if on_bad_line != "skip":
             raise BadTsvLines(path, len(bad), where)
-        log.warning("%s: skipped %d line(s) without exactly one tab (lines %s)", path, len(bad), where, extra=ONCE)
+        log.warning("%s: skipped %d line(s) without exactly one tab (%s %s)", path, len(bad), _lines(len(bad)), where,
+                    extra=ONCE)
 
 
 def read_tsv(path: Path, src_column: int = 0, on_decode_error: str = "error", on_bad_line: str = "error") -> ParallelText:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.config import DataConfig
+from nmt.console import ONCE, kept_records
 from nmt.data import cache
 from nmt.data.batching import EncodedCorpus
 from nmt.data.corpus import FilterReport, ParallelText, TrainingSource, clean_line, load_splits, training_source
@@ -157,6 +158,8 @@ def cached_corpus(source: TrainingSource, vocab: Vocab, cfg: DataConfig, run_dir
             shutil.rmtree(entry, ignore_errors=True)
         else:
             log.info("reusing cache %s (%d pairs, %.1f MB)", entry, meta["pairs"], cache.entry_size(entry) / 1e6)
+            for warning in meta.get("warnings", []):  # what reading the text said: this run reads none of it
+                log.warning(warning, extra=ONCE)
             _report(meta).log(f"training data ({source.name})")
             return corpus
     encode_into(entry, source, files, vocab, cfg, progress)
@@ -173,17 +176,19 @@ def encode_into(entry: Path, source: TrainingSource, files: dict[str, Path], voc
     with cache.building(entry) as folder, _bar(source.approximate_size(), "encode", progress) as bar:
         writer = cache.CorpusWriter(folder, dtype)
         try:
-            for chunk in encode_chunks(source.pairs(), files, cfg, dtype, workers):
-                writer.append(chunk.ids, chunk.lens)
-                read, dropped = read + chunk.read, dropped + chunk.dropped
-                bar.update(chunk.read)
+            with kept_records() as said:  # warnings about the text's lines, said again when the entry is reused
+                for chunk in encode_chunks(source.pairs(), files, cfg, dtype, workers):
+                    writer.append(chunk.ids, chunk.lens)
+                    read, dropped = read + chunk.read, dropped + chunk.dropped
+                    bar.update(chunk.read)
         finally:
             writer.close()
         report = FilterReport(writer.pairs, dropped)
         _check_kept(report, read, source, cfg)
         cache.write_meta(folder, {**writer.meta(), "read": read, "report": {"kept": report.kept, "dropped": dict(dropped)},
                                   "source": source.name, "encode_seconds": round(time.monotonic() - started, 2),
-                                  "workers": workers})
+                                  "workers": workers,
+                                  "warnings": [r.getMessage() for r in said if r.levelno >= logging.WARNING]})
     log.info("encoded %d training pairs in %.1f s (%d process%s) into the cache %s (%.1f MB)", writer.pairs,
              time.monotonic() - started, workers, "" if workers == 1 else "es", entry, cache.entry_size(entry) / 1e6)
     report.log(f"training data ({source.name})")
