@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nmt import distributed
 from nmt.checkpoint import average_states, load_checkpoint, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
-from nmt.console import kept_records, log_records_to_file, setup_logging
+from nmt.console import kept_records, log_records_to_file, log_to_file, setup_logging
 from nmt.data.batching import Batch, EncodedCorpus, collate, epoch_batches, padding_share
 from nmt.data.cache import cache_root
 from nmt.data.pipeline import TrainingData, prepare_training_data
@@ -704,6 +704,8 @@ def train_in_session(cfg: TrainConfig, cfg_dict: dict, dist: Distributed) -> Pat
     if dist.is_main:
         make_directory(run_dir, "paths.run_dir")
         setup_logging(files.log)
+        # each start of the run begins its part of the log with the command (a failed start leaves its own)
+        log_to_file(f"started in {Path.cwd()}: {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}", logging.INFO)
         log_records_to_file(said)
     cfg_dict["paths"]["run_dir"] = str(run_dir)
     # absolute, so nmt-evaluate finds the data from any working directory (data_dir=... overrides it)

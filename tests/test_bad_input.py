@@ -219,8 +219,9 @@ def test_resume_with_nothing_to_resume_says_so_on_the_console_and_in_the_run_log
     assert_trained(out, PAIRS)
     said = f"trainer.resume=true but {run_dir} holds no run yet; starting from the beginning"
     assert said in out.stderr
-    first = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()[0]
-    assert first.split(" ", 2)[2] == f"WARNING {said}"
+    started, first = [line.split(" ", 2)[2] for line in (run_dir / "train.log").read_text(encoding="utf-8").splitlines()[:2]]
+    assert started.startswith("INFO started in ") and "nmt-train experiment=files" in started
+    assert first == f"WARNING {said}"
 
 
 # --- evaluation and translation --------------------------------------------------------------------------------
