@@ -20,12 +20,8 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from nmt.config import EvaluateConfig, InspectConfig, TrainConfig, TranslateConfig
-from nmt.console import log_to_file
 from nmt.errors import NMTError
 
-SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig,
-           "embeddings": InspectConfig}
 EXIT_USER_ERROR = 2
 INTERRUPTED = {"train": " before training started, so there is nothing to resume. Run the same command again: what "
                         "the data preparation finished (SentencePiece models, the encoded training data) is cached "
@@ -53,7 +49,13 @@ def print_error(message: str, label: str = "error") -> None:
     """Print the message as one paragraph, and keep it in the run's log file (train.log) when there is one."""
     text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
     print(f"nmt: {label}: {text}", file=sys.stderr)
-    log_to_file(f"{label}: {text}", logging.ERROR if label == "error" else logging.WARNING)
+    _to_log_file(f"{label}: {text}", logging.ERROR if label == "error" else logging.WARNING)
+
+
+def _to_log_file(text: str, level: int) -> None:
+    from nmt.console import log_to_file  # here, not with the module: it loads tqdm
+
+    log_to_file(text, level)
 
 
 def fail(message: str, exit_code: int = EXIT_USER_ERROR, label: str = "error") -> None:
@@ -119,16 +121,21 @@ def compose_config(name: str, overrides: list[str], show: bool = False):
     """Compose configs/<name>.yaml with overrides -> (dataclass config, plain dict). show: print the
     composed config first, before any check, so that --cfg shows even a config that is not complete yet
     (experiment=files before its data keys are set) and what to fill in."""
-    # imported here, not with the module: Ctrl-C in the first second of a command (while these and torch load)
-    # then reaches main's handler instead of printing a traceback
-    from hydra import compose, initialize_config_module
-    from hydra.core.config_store import ConfigStore
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    # imported here, not with the module, so that Ctrl-C in the first second of a command reaches main's handler;
+    # held until the import ends: raised inside omegaconf's set-up it surfaced as an unrelated AttributeError
+    with ctrl_c_held():
+        from hydra import compose, initialize_config_module
+        from hydra.core.config_store import ConfigStore
+        from hydra.errors import HydraException
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
+        from nmt.config import EvaluateConfig, InspectConfig, TrainConfig, TranslateConfig
+
+    schemas = {"train": TrainConfig, "evaluate": EvaluateConfig, "translate": TranslateConfig,
+               "embeddings": InspectConfig}
     store = ConfigStore.instance()
-    for schema_name, schema in SCHEMAS.items():
+    for schema_name, schema in schemas.items():
         store.store(name=f"{schema_name}_schema", node=schema)
     try:
         with initialize_config_module(config_module="nmt.configs", version_base=None):
@@ -194,13 +201,13 @@ def limit_kernel_caches(capacity: int = 8) -> None:
 def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     """Compose the config from argv and call task(cfg, cfg_dict); a user's mistake, or Ctrl-C at any point
     from here on (importing hydra and torch included), ends with one paragraph and the exit status, never a
-    traceback. Before main runs, only this module and what it imports load: about a tenth of a second."""
+    traceback. Before main runs, only this module loads (it imports the standard library alone)."""
     try:
         _main(name, task, argv)
     except KeyboardInterrupt:  # in nmt-train, only before training starts: the trainer handles it after
         if torchrun_rank() == 0:
             print(f"nmt: interrupted{INTERRUPTED.get(name, '')}", file=sys.stderr)
-            log_to_file("interrupted", logging.WARNING)
+            _to_log_file("interrupted", logging.WARNING)
         sys.exit(130)
 
 
@@ -245,8 +252,9 @@ def _imported_when_called(module: str, function: str) -> Callable:
 
 @contextmanager
 def ctrl_c_held() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt. A KeyboardInterrupt raised while torch
-    loads can land inside its C++ start-up, which then aborts the process (status 134, no message)."""
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt. For imports: a KeyboardInterrupt raised
+    while torch loads can land inside its C++ start-up, which then aborts the process (status 134, no message),
+    and one raised inside a module's own set-up can leave it half made and fail later with another error."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

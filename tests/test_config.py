@@ -264,8 +264,9 @@ def test_ctrl_c_while_torch_loads_is_held_until_the_import_is_done():
 
 
 def test_the_console_scripts_load_torch_and_hydra_only_inside_main():
-    # what loads before main runs is not covered by its Ctrl-C handling; --cfg needs no torch at all
-    code = ("import sys; import nmt.cli as cli; before = {m for m in ('torch', 'hydra') if m in sys.modules}; "
+    # what loads before main runs is not covered by its Ctrl-C handling (the module itself: the standard library
+    # alone); --cfg needs no torch at all
+    code = ("import sys; import nmt.cli as cli; before = {m for m in ('torch', 'hydra', 'tqdm', 'nmt.config') if m in sys.modules}; "
             "sys.argv = ['nmt-train', 'experiment=debug', '--cfg']; cli.train(); "
             "print(sorted(before), 'torch' in sys.modules, 'hydra' in sys.modules, file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
