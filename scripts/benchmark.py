@@ -198,6 +198,13 @@ def main() -> int:
     except NMTError as error:
         print(f"benchmark: error: {error} (here: --data-dir)", file=sys.stderr)
         return 2
+    trained = None
+    if args.run:  # loaded before the minutes of measuring, so that a wrong --run ends the script at once
+        try:
+            trained = load_trained(args.run, "best", device)
+        except NMTError as error:
+            print(f"benchmark: error: {error} (here: --run)", file=sys.stderr)
+            return 2
     warmup, steps, decode_count = (4, 24, 500) if args.quick else (5, 40, 1000)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     result: dict = {"machine": {"platform": platform.platform(), "processor": cpu_name(),
@@ -249,8 +256,7 @@ def main() -> int:
         result["bf16_speedup"] = result["train_bf16"]["tgt_tokens_per_s"] / result["train_fp32"]["tgt_tokens_per_s"]
 
     test_sources, test_references = read_lines(test.src)[:decode_count], read_lines(test.tgt)[:decode_count]
-    if args.run:
-        trained = load_trained(args.run, "best", device)
+    if trained:
         decode_model, decode_vocab, result["decode_model"] = trained.model, trained.vocab, f"{args.run} (best)"
     else:
         decode_model, decode_vocab = model, vocab

@@ -204,6 +204,17 @@ def test_benchmark_keeps_the_better_of_its_two_peak_measurements(monkeypatch):
     assert skipped == {"peak_fp32_gflops": 174.0, "peak_fp32_gflops_samples": [174.0, 171.0], "peak_bf16_gflops": None}
 
 
+def test_benchmark_with_a_wrong_run_says_so_before_measuring_anything(shared_data_dir, tmp_path):
+    import subprocess
+
+    missing = tmp_path / "no-such-run"
+    out = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--data-dir", str(shared_data_dir),
+                          "--run", str(missing), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"The run directory {missing} does not exist" in out.stderr and "(here: --run)" in out.stderr
+    assert "matmul peak" not in out.stderr  # nothing measured first
+
+
 def test_average_checkpoints_names_a_run_directory_that_does_not_exist(tmp_path):
     import subprocess
 
