@@ -272,6 +272,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    # adam: weight decay added to the gradient (L2); adamw: weight decay applied to the weights apart from
+    # the gradient's scaling (Loshchilov & Hutter, "Decoupled Weight Decay Regularization"); optim=adamw
+    name: str = "adam"
     lr: float = 5e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -292,6 +295,7 @@ class OptimConfig:
     cycle_floor: float = 0.1
 
     def __post_init__(self) -> None:
+        check_choice("optim.name", self.name, ("adam", "adamw"))
         check_positive("optim.lr", self.lr)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, e.g. [0.9,0.999], got {self.betas}.")

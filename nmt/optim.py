@@ -75,13 +75,15 @@ class SparseDenseAdam(torch.optim.Adam):
 
 
 def build_adam(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-               sparse: bool) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters; with `sparse`, embedding tables get the lazy sparse update."""
+               sparse: bool, decoupled: bool = False) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (AdamW's decoupled weight decay with `decoupled`); with
+    `sparse`, embedding tables get the lazy sparse update (the config allows no weight decay then)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not sparse:
         # The fused kernel updates all parameters in one pass (CPU and CUDA alike), where the default
         # implementation makes several passes per tensor.
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+        adam = torch.optim.AdamW if decoupled else torch.optim.Adam
+        return adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
     return SparseDenseAdam([p for p in params if id(p) not in tables], [p for p in params if id(p) in tables],
                            lr=lr, betas=betas, weight_decay=weight_decay)

@@ -104,7 +104,8 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData, load_
 
 def build_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Frozen parameters are left out, so they have no optimizer state and no weight decay.
-    return build_adam(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, cfg.model.embeddings.sparse)
+    return build_adam(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, cfg.model.embeddings.sparse,
+                      decoupled=cfg.optim.name == "adamw")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):

@@ -201,3 +201,33 @@ def test_budget_schedule_settings_are_checked():
         OptimConfig(scheduler="linear", min_lr=0.0, cycle_from=1.0)
     with pytest.raises(ConfigError, match=r"optim.cycle_floor must lie in \(0, 1\]"):
         OptimConfig(cycle_floor=0.0)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_optim_adamw_decays_the_weights_apart_from_the_gradient(name):
+    # with a zero gradient, Adam's weight decay is all of the gradient, which Adam normalises into a step of
+    # about lr per weight; AdamW's decay is applied to the weights themselves: w * (1 - lr * weight_decay)
+    from nmt.cli import compose_config
+
+    overrides = ["experiment=debug", f"optim={name}", "optim.lr=0.1"]
+    if name == "adam":
+        overrides.append("optim.weight_decay=0.01")
+    cfg, _ = compose_config("train", overrides)
+    assert (cfg.optim.name, cfg.optim.weight_decay) == (name, 0.01)  # optim=adamw brings its own decay
+    model = tiny_model()
+    optimizer = build_optimizer(model, cfg)
+    assert type(optimizer) is (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)
+    before = [p.detach().clone() for p in model.parameters()]
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    weight, old = next((p, b) for p, b in zip(model.parameters(), before) if b.abs().min() > 0.05)
+    if name == "adamw":
+        torch.testing.assert_close(weight, old * (1 - 0.1 * 0.01))
+    else:
+        torch.testing.assert_close(weight, old - 0.1 * torch.sign(old), atol=1e-4, rtol=0)
+
+
+def test_optim_name_is_checked():
+    with pytest.raises(ConfigError, match="optim.name"):
+        OptimConfig(name="sgd")
