@@ -98,3 +98,19 @@ def test_model_loss_equals_cross_entropy_of_its_logits(tied):
     params = list(model.parameters())
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_target_whose_probability_underflows_still_gets_its_exact_loss(dtype):
+    """The log-sum-exp of a row is l_y - log p_y, which fails when p_y underflows to 0: such a row (here the
+    target's logit is 200 below the others, exp(-200) < 1e-86) takes the long way, and the loss stays exact."""
+    hidden = torch.zeros(4, 2, dtype=dtype)
+    hidden[:, 0] = 1.0
+    weight = torch.zeros(5, 2, dtype=dtype)
+    weight[:, 0] = torch.tensor([100.0, 100.0, -100.0, 0.0, 3.0])
+    bias = torch.zeros(5, dtype=dtype)
+    targets = torch.tensor([2, 0, 2, 4])  # rows 0 and 2: p_y = exp(-200) / 2
+    ours = linear_cross_entropy_sum(hidden, weight, bias, targets, 0.1)
+    theirs = reference(hidden.double(), weight.double(), bias.double(), targets, 0.1)
+    assert torch.isfinite(ours)
+    assert torch.allclose(ours.double(), theirs, rtol=1e-6)
