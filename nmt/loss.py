@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from nmt.model.recurrence import apply_unrolled
+from nmt.precision import round_up, row_quantum
 
 # Entries of the (N, V) logits that one block of LinearCrossEntropy holds: 8M (32 MB in fp32) on a CPU
 # (2M measured no faster); on a GPU a few large blocks, to launch few kernels.
@@ -46,7 +47,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         # cast of a float32 softmax would): no (n, V) casts. fp16 underflows at 6e-5, so its softmax is float32.
         probs_dtype = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float32, torch.float64) else exact
         tiny = torch.finfo(probs_dtype).tiny
-        grad_hidden = hidden.new_empty(hidden.shape) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(V, dtype=exact, device=weight.device) if want_bias else None
         ones = hidden.new_ones(0)
@@ -55,11 +55,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         # weight) + N sum(bias): a product of two E-vectors, not a pass over the (N, V) logits
         logit_sum = hidden_sum @ weight_sum + (0 if bias is None else N * bias.sum(dtype=exact))
         loss = -(eps / V) * logit_sum
+        # bf16 on a CPU: rows padded with zeros to a multiple of the quantum, and blocks of a multiple of it, so that the
+        # last block's products have a shape seen before (precision.row_quantum); the padding rows' probabilities are
+        # zeroed before they reach a gradient, and their losses are not counted
+        quantum = row_quantum(hidden)
+        padded = round_up(N, quantum)
+        rows_in, targets_in = hidden, targets
+        if padded != N:
+            rows_in = torch.cat([hidden, hidden.new_zeros(padded - N, hidden.size(1))])
+            targets_in = torch.cat([targets, targets.new_zeros(padded - N)])
+        grad_hidden = hidden.new_empty(rows_in.shape) if want_hidden else None
         entries = BLOCK_ENTRIES.get(hidden.device.type, GPU_BLOCK_ENTRIES)
-        rows = max(16, entries // max(1, V))
+        rows = round_up(max(16, entries // max(1, V)), quantum)
         weight_t = weight.t()
-        for start in range(0, N, rows):
-            block, block_targets = hidden[start:start + rows], targets[start:start + rows].unsqueeze(1)
+        for start in range(0, padded, rows):
+            block, block_targets = rows_in[start:start + rows], targets_in[start:start + rows].unsqueeze(1)
+            real = min(N - start, block.size(0))  # the rows that are not padding
             logits = torch.mm(block, weight_t) if bias is None else torch.addmm(bias, block, weight_t)
             target_logits = logits.gather(1, block_targets).to(exact)
             probs = torch.softmax(logits, dim=1, dtype=probs_dtype)  # (n, V)
@@ -71,10 +82,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             if lost.any():
                 lost = lost.squeeze(1).nonzero().squeeze(1)
                 lse[lost] = torch.logsumexp(logits[lost].to(exact), dim=1, keepdim=True)
-            loss += (lse - (1.0 - eps) * target_logits).sum()
+            loss += (lse - (1.0 - eps) * target_logits)[:real].sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
             probs = probs.to(hidden.dtype)
+            probs[real:] = 0
             if want_bias:  # column sums as a matrix-vector product: torch's bf16 column sum is slow on a CPU
                 if ones.numel() != probs.size(0):
                     ones = hidden.new_ones(probs.size(0))
@@ -88,6 +100,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += torch.mm(probs.t(), block)
         one_hot = -(1.0 - eps)
         if want_hidden:
+            grad_hidden = grad_hidden[:N]
             grad_hidden -= (eps / V) * weight_sum.to(hidden.dtype)
             grad_hidden.add_(weight.index_select(0, targets), alpha=one_hot)
         if want_weight:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import nmt.loss
+import nmt.precision
 from nmt.config import ModelConfig
 from nmt.loss import linear_cross_entropy_sum
 from nmt.model.seq2seq import build_model
@@ -114,3 +115,27 @@ def test_a_target_whose_probability_underflows_still_gets_its_exact_loss(dtype):
     theirs = reference(hidden.double(), weight.double(), bias.double(), targets, 0.1)
     assert torch.isfinite(ours)
     assert torch.allclose(ours.double(), theirs, rtol=1e-6)
+
+
+def test_bf16_on_a_cpu_pads_rows_to_shapes_seen_before(monkeypatch):
+    """Under bf16 on a CPU every block's products have a row count that is a multiple of ONEDNN_ROWS (oneDNN makes a
+    kernel per new shape), and the zero rows added for that change neither the loss nor any gradient."""
+    hidden, weight, bias, targets = leaves(N=70, E=8, V=17, dtype=torch.float32)
+    monkeypatch.setitem(nmt.loss.BLOCK_ENTRIES, "cpu", 17 * 40)
+
+    def run(quantum):
+        monkeypatch.setattr(nmt.precision, "ONEDNN_ROWS", quantum)
+        rows, addmm = [], torch.addmm
+        monkeypatch.setattr(torch, "addmm", lambda b, x, w: rows.append(x.size(0)) or addmm(b, x, w))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy_sum(hidden, weight, bias, targets, 0.1)
+        monkeypatch.setattr(torch, "addmm", addmm)
+        return rows, loss, grads(loss, (hidden, weight, bias))
+
+    rows, loss, loss_grads = run(32)
+    plain_rows, plain_loss, plain_grads = run(1)
+    assert rows == [64, 32] and plain_rows == [40, 30]
+    assert torch.allclose(loss, plain_loss, rtol=1e-3)
+    for a, b in zip(loss_grads, plain_grads):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 0.01 * b.abs().max()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nmt.model.birecurrence
 from nmt.config import INIT_SCHEMES, EmbeddingConfig, ModelConfig
 from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from nmt.model.attention import BahdanauAttention
@@ -147,9 +148,13 @@ def test_packing_makes_the_encoder_independent_of_extra_padding(layers):
     assert torch.allclose(alone_final, final[1:2], atol=1e-6)
 
 
+# quantum 3: each step's product runs over a row count rounded up to a multiple of 3, as bf16 on a CPU does with 32
+# (nmt.precision.row_quantum); here the steps of 4, 3, 3, 2, 2 sentences read 6, 3, 3, 3, 3 rows
+@pytest.mark.parametrize("quantum", [1, 3])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_fused_encoder_equals_nn_gru_over_a_packed_batch(layers):
+def test_fused_encoder_equals_nn_gru_over_a_packed_batch(monkeypatch, layers, quantum):
     """The CPU path (one Function per layer) against torch's GRU: states, final state and every gradient."""
+    monkeypatch.setattr(nmt.model.birecurrence, "row_quantum", lambda tensor: quantum)
     torch.manual_seed(4)
     encoder = Encoder(E, H, num_layers=layers, rnn_dropout=0.0, dropout=0.0).double()
     lens = torch.tensor([5, 3, 1, 5])
@@ -168,9 +173,12 @@ def test_fused_encoder_equals_nn_gru_over_a_packed_batch(layers):
         assert torch.allclose(ours, torch_grad, atol=1e-12)
 
 
-def test_fused_encoder_gradients_pass_gradcheck():
+@pytest.mark.parametrize("quantum", [1, 3])
+def test_fused_encoder_gradients_pass_gradcheck(monkeypatch, quantum):
     """The hand-written backward of BiGRUUnroll against finite differences, on a packed batch of
-    lengths 5, 3, 1 (steps of 3, 2, 2, 1, 1 sentences)."""
+    lengths 5, 3, 1 (steps of 3, 2, 2, 1, 1 sentences), with each step's products over its own rows or over
+    rows rounded up to a multiple of 3."""
+    monkeypatch.setattr(nmt.model.birecurrence, "row_quantum", lambda tensor: quantum)
     generator = torch.Generator().manual_seed(3)
     make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()  # noqa: E731
     batch_sizes = [3, 2, 2, 1, 1]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from nmt.precision import round_up, row_quantum
+
 
 def reverse_within_lengths(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     """lengths (B,) -> index (B, S): position t of row b reads L_b - 1 - t while t < L_b, else itself.
@@ -26,6 +28,19 @@ def reverse_within_lengths(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     positions = torch.arange(steps, device=lengths.device).unsqueeze(0)  # (1, S)
     lengths = lengths.unsqueeze(1)  # (B, 1)
     return torch.where(positions < lengths, lengths - 1 - positions, positions)  # (B, S)
+
+
+def _extended(buffer: torch.Tensor, start: int, count: int, quantum: int) -> torch.Tensor:
+    """buffer[:, start:start + count] with its row count rounded up to a multiple of `quantum`, for a product
+    whose shape should be one seen before (precision.row_quantum): the buffer's own next rows where it has them
+    (whatever they hold: a product's rows are independent, and the caller keeps the first `count`), else a
+    zero-padded copy."""
+    rows = round_up(count, quantum)
+    if start + rows <= buffer.size(1):
+        return buffer[:, start:start + rows]
+    extended = buffer.new_zeros(buffer.size(0), rows, buffer.size(2))
+    extended[:, :buffer.size(1) - start] = buffer[:, start:]
+    return extended
 
 
 class BiGRUUnroll(torch.autograd.Function):
@@ -40,18 +55,26 @@ class BiGRUUnroll(torch.autograd.Function):
         states, resets, updates, candidates = (new(D, N, H) for _ in range(4))
         hidden_gates = new(D, N, 3 * H)  # h W_hh + b_hh of every step; backward reads its n part
         w_hh_t, b_hh = w_hh.transpose(1, 2), b_hh.unsqueeze(1)  # (2, H, 3H), (2, 1, 3H)
+        quantum = row_quantum(input_gates)  # > 1: each step's product runs over a row count seen before
         h = input_gates.new_zeros(D, batch_sizes[0], H)
-        start = 0
-        for size in batch_sizes:
+        start = previous_start = 0
+        for t, size in enumerate(batch_sizes):
             h, rows = h[:, :size], slice(start, start + size)
-            # each step writes straight into the buffers that backward reads
-            torch.baddbmm(b_hh, h, w_hh_t, out=hidden_gates[:, rows])  # (2, n, 3H)
+            # each step writes straight into the buffers that backward reads; the first starts from zero states
+            if t == 0:
+                hidden_gates[:, rows] = b_hh
+            elif quantum == 1:
+                torch.baddbmm(b_hh, h, w_hh_t, out=hidden_gates[:, rows])  # (2, n, 3H)
+            else:
+                product = torch.bmm(_extended(states, previous_start, size, quantum), w_hh_t)
+                torch.add(product[:, :size], b_hh, out=hidden_gates[:, rows])
             i_r, i_z, i_n = input_gates[:, rows].chunk(3, dim=-1)
             h_r, h_z, h_n = hidden_gates[:, rows].chunk(3, dim=-1)
             reset = torch.sigmoid(i_r + h_r, out=resets[:, rows])
             update = torch.sigmoid(i_z + h_z, out=updates[:, rows])
             candidate = torch.tanh(torch.addcmul(i_n, reset, h_n), out=candidates[:, rows])
             h = torch.addcmul(candidate, update, h - candidate, out=states[:, rows])  # (1 - z) * n + z * h
+            previous_start = start
             start += size
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(states, resets, updates, candidates, hidden_gates, w_hh)
@@ -62,9 +85,12 @@ class BiGRUUnroll(torch.autograd.Function):
         states, resets, updates, candidates, hidden_gates, w_hh = ctx.saved_tensors
         batch_sizes = ctx.batch_sizes
         D, N, H = states.shape
+        quantum = row_quantum(states)
+        padded = round_up(N, quantum)  # rows of the buffers in the weight gradient's product; any beyond N are zero
         gate_grads = states.new_empty(D, N, 3 * H)  # d loss / d input gates: the input_gates gradient
-        hidden_grads = states.new_empty(D, N, 3 * H)  # d loss / d (h W_hh + b_hh)
-        previous = states.new_empty(D, N, H)  # the state each packed row started from
+        hidden_grads = states.new_empty(D, padded, 3 * H)  # d loss / d (h W_hh + b_hh)
+        previous = states.new_empty(D, padded, H)  # the state each packed row started from
+        hidden_grads[:, N:], previous[:, N:] = 0, 0
         starts = [0]
         for size in batch_sizes[:-1]:
             starts.append(starts[-1] + size)
@@ -89,6 +115,12 @@ class BiGRUUnroll(torch.autograd.Function):
             torch.mul(grad_candidate * hidden_gates[:, rows, 2 * H:], reset * (1 - reset), out=grad_reset)
             hidden[..., :2 * H] = gates[..., :2 * H]
             torch.mul(grad_candidate, reset, out=hidden[..., 2 * H:])
-            carried = torch.baddbmm(grad_h * update, hidden, w_hh)  # (2, n, H): direct + through W_hh
+            if t == 0:  # the zero initial states need no gradient
+                break
+            if quantum == 1:
+                carried = torch.baddbmm(grad_h * update, hidden, w_hh)  # (2, n, H): direct + through W_hh
+            else:
+                carried = torch.bmm(_extended(hidden_grads, start, size, quantum), w_hh)[:, :size]
+                carried.addcmul_(grad_h, update)
         grad_w_hh = torch.bmm(hidden_grads.transpose(1, 2), previous)  # (2, 3H, H)
         return gate_grads, None, grad_w_hh, hidden_grads.sum(1)
