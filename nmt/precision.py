@@ -51,12 +51,29 @@ ONEDNN_ROWS = 32
 
 def row_quantum(tensor: torch.Tensor) -> int:
     """The multiple to round the varying row count of products over `tensor` up to: ONEDNN_ROWS where oneDNN runs
-    them (bf16 or fp16 on a CPU), 1 elsewhere (MKL's fp32 products and CUDA's make no kernel per shape)."""
-    return ONEDNN_ROWS if tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16) else 1
+    them (bf16 or fp16 on a CPU, the tensor's own dtype or autocast's), 1 elsewhere (MKL's fp32 products and
+    CUDA's make no kernel per shape)."""
+    if tensor.device.type != "cpu":
+        return 1
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else tensor.dtype
+    return ONEDNN_ROWS if dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def round_up(count: int, quantum: int) -> int:
     return -(-count // quantum) * quantum
+
+
+def extended_rows(buffer: torch.Tensor, start: int, count: int, quantum: int) -> torch.Tensor:
+    """Rows start:start + count of `buffer` (along its second-to-last dimension), their number rounded up to a
+    multiple of `quantum`, for a product whose shape should be one seen before (row_quantum): the buffer's own
+    next rows where it has them (whatever they hold: a product's rows are independent of each other, and the
+    caller keeps only the first `count` of the result), else a zero-padded copy."""
+    rows = round_up(count, quantum)
+    if start + rows <= buffer.size(-2):
+        return buffer[..., start:start + rows, :]
+    extended = buffer.new_zeros(*buffer.shape[:-2], rows, buffer.size(-1))
+    extended[..., :buffer.size(-2) - start, :] = buffer[..., start:, :]
+    return extended
 
 
 _WARNED: set[str] = set()  # the keys cpu_bf16_fallback has warned about

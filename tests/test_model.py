@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import nmt.model.birecurrence
+import nmt.model.encoder
+import nmt.model.recurrence
 from nmt.config import INIT_SCHEMES, EmbeddingConfig, ModelConfig
 from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from nmt.model.attention import BahdanauAttention
@@ -148,13 +150,15 @@ def test_packing_makes_the_encoder_independent_of_extra_padding(layers):
     assert torch.allclose(alone_final, final[1:2], atol=1e-6)
 
 
-# quantum 3: each step's product runs over a row count rounded up to a multiple of 3, as bf16 on a CPU does with 32
-# (nmt.precision.row_quantum); here the steps of 4, 3, 3, 2, 2 sentences read 6, 3, 3, 3, 3 rows
+# quantum 3: products run over row counts rounded up to a multiple of 3, as bf16 on a CPU does with 32
+# (nmt.precision.row_quantum): the 14 packed tokens' input projection over 15 rows, and the steps of 4, 3, 3, 2, 2
+# sentences over 6, 3, 3, 3, 3
 @pytest.mark.parametrize("quantum", [1, 3])
 @pytest.mark.parametrize("layers", [1, 2])
 def test_fused_encoder_equals_nn_gru_over_a_packed_batch(monkeypatch, layers, quantum):
     """The CPU path (one Function per layer) against torch's GRU: states, final state and every gradient."""
-    monkeypatch.setattr(nmt.model.birecurrence, "row_quantum", lambda tensor: quantum)
+    for module in (nmt.model.birecurrence, nmt.model.encoder):
+        monkeypatch.setattr(module, "row_quantum", lambda tensor: quantum)
     torch.manual_seed(4)
     encoder = Encoder(E, H, num_layers=layers, rnn_dropout=0.0, dropout=0.0).double()
     lens = torch.tensor([5, 3, 1, 5])
@@ -243,8 +247,11 @@ def test_decoder_forward_and_step_follow_the_equations(layers):
     assert torch.allclose(hidden, expected_hidden, atol=1e-6, rtol=1e-5)
 
 
-def test_fused_recurrence_gradients_pass_gradcheck():
-    """The hand-written backward of AttentionGRUUnroll against finite differences, padding included."""
+@pytest.mark.parametrize("quantum", [1, 2, 5])
+def test_fused_recurrence_gradients_pass_gradcheck(monkeypatch, quantum):
+    """The hand-written backward of AttentionGRUUnroll against finite differences, padding included, with each
+    step's products over its B rows or over B rounded up to a multiple of 2 or 5 (as bf16 on a CPU does)."""
+    monkeypatch.setattr(nmt.model.recurrence, "row_quantum", lambda tensor: quantum)
     generator = torch.Generator().manual_seed(3)
     make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()  # noqa: E731
     mask = make_src() != PAD_ID
@@ -254,7 +261,9 @@ def test_fused_recurrence_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(unroll, inputs)
 
 
-def test_fused_decoder_forward_and_gradients_equal_the_step_by_step_unroll():
+@pytest.mark.parametrize("quantum", [1, 2])
+def test_fused_decoder_forward_and_gradients_equal_the_step_by_step_unroll(monkeypatch, quantum):
+    monkeypatch.setattr(nmt.model.recurrence, "row_quantum", lambda tensor: quantum)
     decoder = Decoder(E, H, 2 * H, A, num_layers=1, dropout=0.0, rnn_dropout=0.0)
     states = torch.randn(B, S, 2 * H, requires_grad=True)
     embedded = torch.randn(B, T, E, requires_grad=True)

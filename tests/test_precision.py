@@ -16,7 +16,8 @@ from nmt.config import ModelConfig, OptimConfig, TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.model.seq2seq import build_model
 import nmt.precision
-from nmt.precision import Precision, _with_fallback, compile_decoder_step, has_bf16_matmul
+from nmt.precision import (ONEDNN_ROWS, Precision, _with_fallback, compile_decoder_step, extended_rows, has_bf16_matmul,
+                           round_up, row_quantum)
 from nmt.train import build_optimizer, train_step
 
 CPU = torch.device("cpu")
@@ -190,3 +191,20 @@ def test_nmt_train_in_mixed_precision(precision, shared_data_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
     assert last["train_state"]["step"] == 2
     assert ("scale" in last["scaler"]) == (precision == "fp16")
+
+
+def test_row_quantum_rounds_only_where_onednn_runs_the_products():
+    """oneDNN runs bf16 and fp16 products on a CPU, and makes a kernel per shape; fp32 (MKL) does not."""
+    x = torch.ones(3, 4)
+    assert row_quantum(x) == 1 and row_quantum(x.bfloat16()) == ONEDNN_ROWS and row_quantum(x.half()) == ONEDNN_ROWS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert row_quantum(x) == ONEDNN_ROWS  # the product will run in autocast's dtype
+    assert round_up(33, 32) == 64 and round_up(64, 32) == 64 and round_up(5, 1) == 5
+
+
+def test_extended_rows_reads_the_next_rows_or_pads_with_zeros():
+    buffer = torch.arange(2 * 7 * 2, dtype=torch.float32).view(2, 7, 2)
+    inside = extended_rows(buffer, 1, 3, 4)  # rows 1-4: the buffer's own, a view
+    assert inside.shape == (2, 4, 2) and inside.data_ptr() == buffer[:, 1:].data_ptr()
+    beyond = extended_rows(buffer, 5, 2, 4)  # rows 5-6 and two zero rows
+    assert torch.equal(beyond[:, :2], buffer[:, 5:]) and torch.equal(beyond[:, 2:], torch.zeros(2, 2, 2))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from nmt.precision import round_up, row_quantum
+from nmt.precision import extended_rows, round_up, row_quantum
 
 
 def reverse_within_lengths(lengths: torch.Tensor, steps: int) -> torch.Tensor:
@@ -30,30 +30,20 @@ def reverse_within_lengths(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.where(positions < lengths, lengths - 1 - positions, positions)  # (B, S)
 
 
-def _extended(buffer: torch.Tensor, start: int, count: int, quantum: int) -> torch.Tensor:
-    """buffer[:, start:start + count] with its row count rounded up to a multiple of `quantum`, for a product
-    whose shape should be one seen before (precision.row_quantum): the buffer's own next rows where it has them
-    (whatever they hold: a product's rows are independent, and the caller keeps the first `count`), else a
-    zero-padded copy."""
-    rows = round_up(count, quantum)
-    if start + rows <= buffer.size(1):
-        return buffer[:, start:start + rows]
-    extended = buffer.new_zeros(buffer.size(0), rows, buffer.size(2))
-    extended[:, :buffer.size(1) - start] = buffer[:, start:]
-    return extended
-
-
 class BiGRUUnroll(torch.autograd.Function):
     """input_gates (2, N, 3H): x W_ih + b_ih of both directions over a packed batch of N tokens;
     batch_sizes: its per-step sizes (a list of ints, non-increasing); w_hh (2, 3H, H), b_hh (2, 3H)
-    -> states (2, N, H), packed alike. Every sentence starts from a zero state."""
+    -> states (2, N, H), packed alike. Every sentence starts from a zero state. input_gates may have rows
+    after the N that batch_sizes count (the encoder pads them to a row count seen before: precision.row_quantum);
+    their states are zero and their gradients too."""
 
     @staticmethod
     def forward(ctx, input_gates, batch_sizes, w_hh, b_hh):
-        D, N, H = input_gates.size(0), input_gates.size(1), w_hh.size(2)
+        D, rows, H = input_gates.size(0), input_gates.size(1), w_hh.size(2)
         new = input_gates.new_empty
-        states, resets, updates, candidates = (new(D, N, H) for _ in range(4))
-        hidden_gates = new(D, N, 3 * H)  # h W_hh + b_hh of every step; backward reads its n part
+        states, resets, updates, candidates = (new(D, rows, H) for _ in range(4))
+        hidden_gates = new(D, rows, 3 * H)  # h W_hh + b_hh of every step; backward reads its n part
+        states[:, sum(batch_sizes):] = 0
         w_hh_t, b_hh = w_hh.transpose(1, 2), b_hh.unsqueeze(1)  # (2, H, 3H), (2, 1, 3H)
         quantum = row_quantum(input_gates)  # > 1: each step's product runs over a row count seen before
         h = input_gates.new_zeros(D, batch_sizes[0], H)
@@ -66,7 +56,7 @@ class BiGRUUnroll(torch.autograd.Function):
             elif quantum == 1:
                 torch.baddbmm(b_hh, h, w_hh_t, out=hidden_gates[:, rows])  # (2, n, 3H)
             else:
-                product = torch.bmm(_extended(states, previous_start, size, quantum), w_hh_t)
+                product = torch.bmm(extended_rows(states, previous_start, size, quantum), w_hh_t)
                 torch.add(product[:, :size], b_hh, out=hidden_gates[:, rows])
             i_r, i_z, i_n = input_gates[:, rows].chunk(3, dim=-1)
             h_r, h_z, h_n = hidden_gates[:, rows].chunk(3, dim=-1)
@@ -84,13 +74,13 @@ class BiGRUUnroll(torch.autograd.Function):
     def backward(ctx, grad_states):
         states, resets, updates, candidates, hidden_gates, w_hh = ctx.saved_tensors
         batch_sizes = ctx.batch_sizes
-        D, N, H = states.shape
-        quantum = row_quantum(states)
-        padded = round_up(N, quantum)  # rows of the buffers in the weight gradient's product; any beyond N are zero
-        gate_grads = states.new_empty(D, N, 3 * H)  # d loss / d input gates: the input_gates gradient
+        D, rows, H = states.shape
+        N, quantum = sum(batch_sizes), row_quantum(states)
+        padded = round_up(rows, quantum)  # rows of the buffers in the weight gradient's product; any beyond N are zero
+        gate_grads = states.new_empty(D, rows, 3 * H)  # d loss / d input gates: the input_gates gradient
         hidden_grads = states.new_empty(D, padded, 3 * H)  # d loss / d (h W_hh + b_hh)
         previous = states.new_empty(D, padded, H)  # the state each packed row started from
-        hidden_grads[:, N:], previous[:, N:] = 0, 0
+        gate_grads[:, N:], hidden_grads[:, N:], previous[:, N:] = 0, 0, 0
         starts = [0]
         for size in batch_sizes[:-1]:
             starts.append(starts[-1] + size)
@@ -120,7 +110,7 @@ class BiGRUUnroll(torch.autograd.Function):
             if quantum == 1:
                 carried = torch.baddbmm(grad_h * update, hidden, w_hh)  # (2, n, H): direct + through W_hh
             else:
-                carried = torch.bmm(_extended(hidden_grads, start, size, quantum), w_hh)[:, :size]
+                carried = torch.bmm(extended_rows(hidden_grads, start, size, quantum), w_hh)[:, :size]
                 carried.addcmul_(grad_h, update)
         grad_w_hh = torch.bmm(hidden_grads.transpose(1, 2), previous)  # (2, 3H, H)
         return gate_grads, None, grad_w_hh, hidden_grads.sum(1)

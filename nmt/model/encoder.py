@@ -9,6 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.model.birecurrence import BiGRUUnroll, reverse_within_lengths
 from nmt.model.dropout import Dropout, uniform_dropout
 from nmt.model.recurrence import apply_unrolled
+from nmt.precision import round_up, row_quantum
 
 
 class Encoder(nn.Module):
@@ -54,8 +55,12 @@ class Encoder(nn.Module):
             # One packing for both directions: the second reads each sentence reversed within its length
             packed = pack_padded_sequence(torch.stack([layer_input, flip(layer_input)], 2), lengths,
                                           batch_first=True, enforce_sorted=False)  # data (N, 2, In)
-            input_gates = torch.baddbmm(b_ih.unsqueeze(1), packed.data.transpose(0, 1), w_ih.transpose(1, 2))
-            states = apply_unrolled(BiGRUUnroll, input_gates, packed.batch_sizes.tolist(), w_hh, b_hh)  # (2, N, H)
+            data, N = packed.data, packed.data.size(0)
+            extra = round_up(N, row_quantum(data)) - N  # > 0 under bf16: zero rows, for a product shape seen before
+            if extra:
+                data = torch.cat([data, data.new_zeros(extra, *data.shape[1:])])
+            input_gates = torch.baddbmm(b_ih.unsqueeze(1), data.transpose(0, 1), w_ih.transpose(1, 2))
+            states = apply_unrolled(BiGRUUnroll, input_gates, packed.batch_sizes.tolist(), w_hh, b_hh)[:, :N]  # (2, N, H)
             padded, _ = pad_packed_sequence(packed._replace(data=states.transpose(0, 1)), batch_first=True,
                                             total_length=S)  # (B, S, 2, H)
             layer_input = torch.cat([padded[:, :, 0], flip(padded[:, :, 1])], -1)  # (B, S, 2H)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from nmt.precision import extended_rows, row_quantum
+
 
 def apply_unrolled(function: type[torch.autograd.Function], *args):
     """`function.apply(*args)`. Under autocast every floating-point tensor argument takes the autocast dtype
@@ -51,9 +53,16 @@ class AttentionGRUUnroll(torch.autograd.Function):
         doubled_keys = 2 * keys
         w_hq_t, w_ctx_t = w_hq.t(), w_ctx.t()
         emb_gates = emb_gates.transpose(0, 1).contiguous()  # (T, B, 3H): each step reads one block
+        # > 1 (bf16 on a CPU): each step's products run over B rounded up to a multiple of it, read from the flat
+        # buffers (precision.extended_rows), and keep their first B rows
+        quantum = row_quantum(emb_gates)
+        flat_hs, flat_contexts = hs.view(-1, H), contexts.view(T * B, -1)
         for t in range(T):
             h = hs[t]
-            projected = torch.mm(h, w_hq_t)  # (B, 3H + A)
+            if quantum == 1:
+                projected = torch.mm(h, w_hq_t)  # (B, 3H + A)
+            else:
+                projected = torch.mm(extended_rows(flat_hs, t * B, B, quantum), w_hq_t)[:B]
             hidden_gates = projected[:, :3 * H] + b_hh  # (B, 3H)
             query = projected[:, 3 * H:]  # (B, A)
             activation = torch.sigmoid_(torch.add(doubled_keys, query.unsqueeze(1), alpha=2, out=activations[t]))
@@ -63,7 +72,10 @@ class AttentionGRUUnroll(torch.autograd.Function):
             weights[t] = attention
             context = torch.bmm(attention.unsqueeze(1), states).squeeze(1)  # (B, 2H)
             contexts[t] = context
-            input_gates = torch.addmm(emb_gates[t], context, w_ctx_t)  # (B, 3H)
+            if quantum == 1:
+                input_gates = torch.addmm(emb_gates[t], context, w_ctx_t)  # (B, 3H)
+            else:
+                input_gates = torch.mm(extended_rows(flat_contexts, t * B, B, quantum), w_ctx_t)[:B].add_(emb_gates[t])
             i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
             h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
             reset = torch.sigmoid(i_r + h_r)
@@ -95,6 +107,8 @@ class AttentionGRUUnroll(torch.autograd.Function):
         four_v = 4 * v
         states_t = states.transpose(1, 2)  # (B, 2H, S)
         grad_h = torch.zeros_like(hs[0])
+        quantum = row_quantum(hs)  # as in forward; the rows after step t's in the flat buffers are step t + 1's
+        flat_input_grads, flat_hq_grads = input_grads.view(T * B, -1), hq_grads.view(T * B, -1)
         for t in range(T - 1, -1, -1):
             h, reset, update, candidate = hs[t], resets[t], updates[t], candidates[t]
             grad_h = grad_h + grad_tops[t]
@@ -106,7 +120,11 @@ class AttentionGRUUnroll(torch.autograd.Function):
             hq = hq_grads[t]
             hq[:, :2 * H] = gates[:, :2 * H]
             torch.mul(grad_candidate_pre, reset, out=hq[:, 2 * H:3 * H])
-            grad_context = torch.addmm(grad_contexts[t], gates, w_ctx)  # (B, 2H)
+            if quantum == 1:
+                grad_context = torch.addmm(grad_contexts[t], gates, w_ctx)  # (B, 2H)
+            else:
+                grad_context = torch.mm(extended_rows(flat_input_grads, t * B, B, quantum), w_ctx)[:B]
+                grad_context += grad_contexts[t]
             context_grads[t] = grad_context
             # attention: c = a @ states, a = softmax(e), e = tanh(q + k) . v
             attention = weights[t]
@@ -118,7 +136,10 @@ class AttentionGRUUnroll(torch.autograd.Function):
             torch.addcmul(activation, activation, activation, value=-1, out=slope)  # s (1 - s), in one pass
             key_sum.addcmul_(row_scores.transpose(1, 2), slope)  # (B, S, A)
             torch.mul(torch.bmm(row_scores, slope).squeeze(1), four_v, out=hq[:, 3 * H:])  # the query's gradient
-            grad_h = torch.addmm(grad_h * update, hq, w_hq)  # (B, H): direct path + through W_hh and W_q
+            if quantum == 1:
+                grad_h = torch.addmm(grad_h * update, hq, w_hq)  # (B, H): direct path + through W_hh and W_q
+            else:
+                grad_h = torch.mm(extended_rows(flat_hq_grads, t * B, B, quantum), w_hq)[:B].addcmul_(grad_h, update)
         rows = T * B
         grad_w_hq = torch.mm(hq_grads.view(rows, -1).t(), hs[:-1].reshape(rows, H))
         grad_b_hh = hq_grads[..., :3 * H].sum((0, 1))
