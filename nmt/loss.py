@@ -58,7 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # bf16 on a CPU: rows padded with zeros to a multiple of the quantum, and blocks of a multiple of it, so that the
         # last block's products have a shape seen before (precision.row_quantum); the padding rows' probabilities are
         # zeroed before they reach a gradient, and their losses are not counted
-        quantum = row_quantum(hidden)
+        quantum = row_quantum(hidden, tokens=True)
         padded = round_up(N, quantum)
         rows_in, targets_in = hidden, targets
         if padded != N:

@@ -42,25 +42,43 @@ def has_bf16_matmul(device: torch.device) -> bool:
 
 
 # Row counts that products in bf16 or fp16 on a CPU come in multiples of. torch runs those products on oneDNN, which
-# generates a kernel for every new shape and keeps it in a cache: 1 to 20 ms a shape on the 2-vCPU AMX host, against
-# 0.4 ms for running a (200, 512) x (512, 1536) product once made. Training batches differ in their numbers of
-# sentences and tokens, so shapes that depend on them were new at almost every step: 130 ms of a 650 ms bf16 step.
-# Rounded up to a multiple of 32, they recur.
+# generates a kernel for every new shape and keeps it in a cache (of 1,024 by default): 1 to 20 ms a shape on the
+# 2-vCPU AMX host, against 0.4 ms for running a (200, 512) x (512, 1536) product once made. Training batches differ
+# in their numbers of sentences and tokens, so shapes that depend on them were new at almost every step: 130 ms of
+# a 650 ms bf16 step of the reference model. Rounded up, they recur: a step's products (one row per sentence) to
+# a multiple of 32, a batch's (one row per token, thousands) to a multiple of 128, which keeps their shapes few
+# enough for the cache.
 ONEDNN_ROWS = 32
+ONEDNN_TOKEN_ROWS = 128
 
 
-def row_quantum(tensor: torch.Tensor) -> int:
-    """The multiple to round the varying row count of products over `tensor` up to: ONEDNN_ROWS where oneDNN runs
-    them (bf16 or fp16 on a CPU, the tensor's own dtype or autocast's), 1 elsewhere (MKL's fp32 products and
-    CUDA's make no kernel per shape)."""
+def row_quantum(tensor: torch.Tensor, tokens: bool = False) -> int:
+    """The multiple to round the varying row count of products over `tensor` up to: ONEDNN_ROWS, or with `tokens`
+    (a row per token of the batch) ONEDNN_TOKEN_ROWS, where oneDNN runs them (bf16 or fp16 on a CPU, the tensor's
+    own dtype or autocast's); 1 elsewhere (MKL's fp32 products and CUDA's make no kernel per shape)."""
     if tensor.device.type != "cpu":
         return 1
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else tensor.dtype
-    return ONEDNN_ROWS if dtype in (torch.bfloat16, torch.float16) else 1
+    if dtype not in (torch.bfloat16, torch.float16):
+        return 1
+    return ONEDNN_TOKEN_ROWS if tokens else ONEDNN_ROWS
 
 
 def round_up(count: int, quantum: int) -> int:
     return -(-count // quantum) * quantum
+
+
+def with_padded_rows(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """function(x) for a function of each row alone (a linear layer), with x's rows (all dimensions but the last)
+    padded with zeros to a multiple of row_quantum(x, tokens=True) first (bf16 on a CPU), so that its product and
+    its gradients' products have shapes seen before. The padding's outputs are dropped, so its gradients are zero."""
+    rows = x.numel() // x.size(-1)
+    extra = round_up(rows, row_quantum(x, tokens=True)) - rows
+    if not extra:
+        return function(x)
+    flat = x.reshape(rows, x.size(-1))
+    out = function(torch.cat([flat, flat.new_zeros(extra, flat.size(1))]))
+    return out[:rows].view(*x.shape[:-1], out.size(-1))
 
 
 def extended_rows(buffer: torch.Tensor, start: int, count: int, quantum: int) -> torch.Tensor:

@@ -118,13 +118,13 @@ def test_a_target_whose_probability_underflows_still_gets_its_exact_loss(dtype):
 
 
 def test_bf16_on_a_cpu_pads_rows_to_shapes_seen_before(monkeypatch):
-    """Under bf16 on a CPU every block's products have a row count that is a multiple of ONEDNN_ROWS (oneDNN makes a
+    """Under bf16 on a CPU every block's products have a row count that is a multiple of ONEDNN_TOKEN_ROWS (oneDNN makes a
     kernel per new shape), and the zero rows added for that change neither the loss nor any gradient."""
     hidden, weight, bias, targets = leaves(N=70, E=8, V=17, dtype=torch.float32)
     monkeypatch.setitem(nmt.loss.BLOCK_ENTRIES, "cpu", 17 * 40)
 
     def run(quantum):
-        monkeypatch.setattr(nmt.precision, "ONEDNN_ROWS", quantum)
+        monkeypatch.setattr(nmt.precision, "ONEDNN_TOKEN_ROWS", quantum)
         rows, addmm = [], torch.addmm
         monkeypatch.setattr(torch, "addmm", lambda b, x, w: rows.append(x.size(0)) or addmm(b, x, w))
         with torch.autocast("cpu", dtype=torch.bfloat16):

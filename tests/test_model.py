@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import nmt.model.birecurrence
 import nmt.model.encoder
 import nmt.model.recurrence
+import nmt.precision
 from nmt.config import INIT_SCHEMES, EmbeddingConfig, ModelConfig
 from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from nmt.model.attention import BahdanauAttention
@@ -158,7 +159,7 @@ def test_packing_makes_the_encoder_independent_of_extra_padding(layers):
 def test_fused_encoder_equals_nn_gru_over_a_packed_batch(monkeypatch, layers, quantum):
     """The CPU path (one Function per layer) against torch's GRU: states, final state and every gradient."""
     for module in (nmt.model.birecurrence, nmt.model.encoder):
-        monkeypatch.setattr(module, "row_quantum", lambda tensor: quantum)
+        monkeypatch.setattr(module, "row_quantum", lambda tensor, tokens=False: quantum)
     torch.manual_seed(4)
     encoder = Encoder(E, H, num_layers=layers, rnn_dropout=0.0, dropout=0.0).double()
     lens = torch.tensor([5, 3, 1, 5])
@@ -182,7 +183,7 @@ def test_fused_encoder_gradients_pass_gradcheck(monkeypatch, quantum):
     """The hand-written backward of BiGRUUnroll against finite differences, on a packed batch of
     lengths 5, 3, 1 (steps of 3, 2, 2, 1, 1 sentences), with each step's products over its own rows or over
     rows rounded up to a multiple of 3."""
-    monkeypatch.setattr(nmt.model.birecurrence, "row_quantum", lambda tensor: quantum)
+    monkeypatch.setattr(nmt.model.birecurrence, "row_quantum", lambda tensor, tokens=False: quantum)
     generator = torch.Generator().manual_seed(3)
     make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()  # noqa: E731
     batch_sizes = [3, 2, 2, 1, 1]
@@ -251,7 +252,7 @@ def test_decoder_forward_and_step_follow_the_equations(layers):
 def test_fused_recurrence_gradients_pass_gradcheck(monkeypatch, quantum):
     """The hand-written backward of AttentionGRUUnroll against finite differences, padding included, with each
     step's products over its B rows or over B rounded up to a multiple of 2 or 5 (as bf16 on a CPU does)."""
-    monkeypatch.setattr(nmt.model.recurrence, "row_quantum", lambda tensor: quantum)
+    monkeypatch.setattr(nmt.model.recurrence, "row_quantum", lambda tensor, tokens=False: quantum)
     generator = torch.Generator().manual_seed(3)
     make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()  # noqa: E731
     mask = make_src() != PAD_ID
@@ -263,7 +264,10 @@ def test_fused_recurrence_gradients_pass_gradcheck(monkeypatch, quantum):
 
 @pytest.mark.parametrize("quantum", [1, 2])
 def test_fused_decoder_forward_and_gradients_equal_the_step_by_step_unroll(monkeypatch, quantum):
-    monkeypatch.setattr(nmt.model.recurrence, "row_quantum", lambda tensor: quantum)
+    """Quantum 2: products over rows rounded up to a multiple of 2, as bf16 on a CPU does with 32 and 128 (the
+    recurrence's steps, and the key, embedding and deep-output projections through precision.with_padded_rows)."""
+    for module in (nmt.model.recurrence, nmt.precision):
+        monkeypatch.setattr(module, "row_quantum", lambda tensor, tokens=False: quantum)
     decoder = Decoder(E, H, 2 * H, A, num_layers=1, dropout=0.0, rnn_dropout=0.0)
     states = torch.randn(B, S, 2 * H, requires_grad=True)
     embedded = torch.randn(B, T, E, requires_grad=True)

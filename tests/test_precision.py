@@ -16,8 +16,8 @@ from nmt.config import ModelConfig, OptimConfig, TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.model.seq2seq import build_model
 import nmt.precision
-from nmt.precision import (ONEDNN_ROWS, Precision, _with_fallback, compile_decoder_step, extended_rows, has_bf16_matmul,
-                           round_up, row_quantum)
+from nmt.precision import (ONEDNN_ROWS, ONEDNN_TOKEN_ROWS, Precision, _with_fallback, compile_decoder_step, extended_rows, has_bf16_matmul,
+                           round_up, row_quantum, with_padded_rows)
 from nmt.train import build_optimizer, train_step
 
 CPU = torch.device("cpu")
@@ -199,6 +199,8 @@ def test_row_quantum_rounds_only_where_onednn_runs_the_products():
     assert row_quantum(x) == 1 and row_quantum(x.bfloat16()) == ONEDNN_ROWS and row_quantum(x.half()) == ONEDNN_ROWS
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert row_quantum(x) == ONEDNN_ROWS  # the product will run in autocast's dtype
+        assert row_quantum(x, tokens=True) == ONEDNN_TOKEN_ROWS and ONEDNN_TOKEN_ROWS % ONEDNN_ROWS == 0
+    assert row_quantum(x, tokens=True) == 1
     assert round_up(33, 32) == 64 and round_up(64, 32) == 64 and round_up(5, 1) == 5
 
 
@@ -208,3 +210,19 @@ def test_extended_rows_reads_the_next_rows_or_pads_with_zeros():
     assert inside.shape == (2, 4, 2) and inside.data_ptr() == buffer[:, 1:].data_ptr()
     beyond = extended_rows(buffer, 5, 2, 4)  # rows 5-6 and two zero rows
     assert torch.equal(beyond[:, :2], buffer[:, 5:]) and torch.equal(beyond[:, 2:], torch.zeros(2, 2, 2))
+
+
+def test_with_padded_rows_hands_the_function_a_multiple_of_the_quantum_and_returns_the_real_rows():
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(6, 4), torch.randn(3, 5, 6, requires_grad=True)
+    seen = []
+    layer.register_forward_hook(lambda module, inputs, out: seen.append(inputs[0].shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = with_padded_rows(layer, x)
+        expected = layer(x)
+    assert seen == [(ONEDNN_TOKEN_ROWS, 6), (3, 5, 6)]  # 15 rows padded with zeros, then the plain call
+    assert out.shape == (3, 5, 4) and torch.equal(out, expected)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.float().sum(), x)
+    assert torch.equal(grad, expected_grad)
+    assert with_padded_rows(layer, x).shape == (3, 5, 4) and seen[-1] == (3, 5, 6)  # fp32: as it is

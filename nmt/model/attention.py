@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nmt.precision import with_padded_rows
+
 
 class BahdanauAttention(nn.Module):
     """Stateless: query (B, H), projected keys (B, S, A), values (B, S, 2H), mask (B, S) ->
@@ -23,7 +25,7 @@ class BahdanauAttention(nn.Module):
 
     def project_keys(self, states: torch.Tensor) -> torch.Tensor:
         """states (B, S, 2H) -> keys (B, S, A), once per sentence."""
-        return self.key_proj(states)
+        return with_padded_rows(self.key_proj, states)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

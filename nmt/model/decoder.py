@@ -16,6 +16,7 @@ from torch import nn
 from nmt.model.attention import BahdanauAttention
 from nmt.model.dropout import Dropout
 from nmt.model.recurrence import AttentionGRUUnroll, apply_unrolled
+from nmt.precision import with_padded_rows
 
 
 def gru_update(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,8 @@ class Decoder(nn.Module):
 
     def _embedding_gates(self, embedded: torch.Tensor) -> torch.Tensor:
         """embedded (..., E) -> layer 0's input gates from the embedding half, bias included (..., 3H)."""
-        return F.linear(embedded, self.cell.weight_ih[:, :self.embedding_dim], self.cell.bias_ih)
+        weight, bias = self.cell.weight_ih[:, :self.embedding_dim], self.cell.bias_ih
+        return with_padded_rows(lambda rows: F.linear(rows, weight, bias), embedded)
 
     def _advance(self, embedding_gates: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor,
                  keys: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,7 +76,8 @@ class Decoder(nn.Module):
 
     def _output(self, top: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """[s_i; c_i; embedding] (..., H + 2H + E) -> pre-output (..., O), O = output_size (default E)."""
-        return self.dropout(torch.tanh(self.pre_output(torch.cat([top, context, embedded], dim=-1))))
+        joined = torch.cat([top, context, embedded], dim=-1)
+        return self.dropout(torch.tanh(with_padded_rows(self.pre_output, joined)))
 
     def forward(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
                 src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,7 +56,7 @@ class Encoder(nn.Module):
             packed = pack_padded_sequence(torch.stack([layer_input, flip(layer_input)], 2), lengths,
                                           batch_first=True, enforce_sorted=False)  # data (N, 2, In)
             data, N = packed.data, packed.data.size(0)
-            extra = round_up(N, row_quantum(data)) - N  # > 0 under bf16: zero rows, for a product shape seen before
+            extra = round_up(N, row_quantum(data, tokens=True)) - N  # > 0 under bf16: zero rows, for a product shape seen before
             if extra:
                 data = torch.cat([data, data.new_zeros(extra, *data.shape[1:])])
             input_gates = torch.baddbmm(b_ih.unsqueeze(1), data.transpose(0, 1), w_ih.transpose(1, 2))

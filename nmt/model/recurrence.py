@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from nmt.precision import extended_rows, row_quantum
+from nmt.precision import extended_rows, round_up, row_quantum
 
 
 def apply_unrolled(function: type[torch.autograd.Function], *args):
@@ -43,20 +43,23 @@ class AttentionGRUUnroll(torch.autograd.Function):
         H, S = h0.size(1), states.size(1)
         pad = ~mask  # (B, S)
         new = emb_gates.new_empty
-        hs = new(T + 1, B, H)
+        # > 1 (bf16 on a CPU): each step's products run over B rounded up to a multiple of `quantum`, read from the
+        # flat buffers (precision.extended_rows), and keep their first B rows; the weight gradients' products run
+        # over T * B rounded up to a multiple of `token_quantum`, the buffers' zero tails
+        quantum, token_quantum = row_quantum(emb_gates), row_quantum(emb_gates, tokens=True)
+        padded = round_up(T * B, token_quantum)
+        flat_hs, flat_contexts = new(max((T + 1) * B, padded), H), new(padded, states.size(2))
+        flat_hs[(T + 1) * B:], flat_contexts[T * B:] = 0, 0
+        hs, contexts = flat_hs[:(T + 1) * B].view(T + 1, B, H), flat_contexts[:T * B].view(T, B, -1)
         hs[0] = h0
         resets, updates, candidates, hidden_n = new(T, B, H), new(T, B, H), new(T, B, H), new(T, B, H)
-        contexts, weights = new(T, B, states.size(2)), new(T, B, S)
+        weights = new(T, B, S)
         # tanh(y) = 2 sigmoid(2y) - 1, and torch's CPU sigmoid takes about a third of its tanh's time; the
         # softmax does not see the constant, so the scores are 2 v . sigmoid(2 (q + k)) and only sigmoids are kept
         activations = new(T, B, S, keys.size(2))  # sigmoid(2 (q + k)) of every step, kept for backward
         doubled_keys = 2 * keys
         w_hq_t, w_ctx_t = w_hq.t(), w_ctx.t()
         emb_gates = emb_gates.transpose(0, 1).contiguous()  # (T, B, 3H): each step reads one block
-        # > 1 (bf16 on a CPU): each step's products run over B rounded up to a multiple of it, read from the flat
-        # buffers (precision.extended_rows), and keep their first B rows
-        quantum = row_quantum(emb_gates)
-        flat_hs, flat_contexts = hs.view(-1, H), contexts.view(T * B, -1)
         for t in range(T):
             h = hs[t]
             if quantum == 1:
@@ -83,21 +86,25 @@ class AttentionGRUUnroll(torch.autograd.Function):
             candidate = torch.tanh(torch.addcmul(i_n, reset, h_n))
             torch.addcmul(candidate, update, h - candidate, out=hs[t + 1])  # (1 - z) * n + z * h
             resets[t], updates[t], candidates[t], hidden_n[t] = reset, update, candidate, h_n
-        ctx.save_for_backward(hs, resets, updates, candidates, hidden_n, contexts, weights, activations,
+        ctx.save_for_backward(flat_hs, resets, updates, candidates, hidden_n, flat_contexts, weights, activations,
                               states, keys, w_hq, w_ctx, v)
         ctx.mark_non_differentiable(weights)
         return hs[1:].transpose(0, 1), contexts.transpose(0, 1), weights.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad_tops, grad_contexts, _grad_weights):
-        hs, resets, updates, candidates, hidden_n, contexts, weights, activations, states, keys, w_hq, w_ctx, v = \
+        flat_hs, resets, updates, candidates, hidden_n, flat_contexts, weights, activations, states, keys, w_hq, w_ctx, v = \
             ctx.saved_tensors
         T, B, H = resets.shape
+        padded = flat_contexts.size(0)  # T * B, or more under bf16 on a CPU (see forward)
+        hs, contexts = flat_hs[:(T + 1) * B].view(T + 1, B, H), flat_contexts[:T * B].view(T, B, -1)
         grad_tops = torch.zeros_like(hs[1:]) if grad_tops is None else grad_tops.transpose(0, 1)  # (T, B, H)
         grad_contexts = torch.zeros_like(contexts) if grad_contexts is None else grad_contexts.transpose(0, 1)
         new = hs.new_empty
-        input_grads = new(T, B, 3 * H)  # d loss / d input gates, per step: also the emb_gates gradient
-        hq_grads = new(T, B, w_hq.size(0))  # d loss / d [W_hh s + b_hh; W_q s], per step
+        flat_input_grads, flat_hq_grads = new(padded, 3 * H), new(padded, w_hq.size(0))
+        flat_input_grads[T * B:], flat_hq_grads[T * B:] = 0, 0
+        input_grads = flat_input_grads[:T * B].view(T, B, -1)  # d loss / d input gates, per step: also emb_gates'
+        hq_grads = flat_hq_grads[:T * B].view(T, B, -1)  # d loss / d [W_hh s + b_hh; W_q s], per step
         context_grads = new(T, B, contexts.size(2))
         # d e_j / d y_j = v * (1 - tanh(y_j)^2) = 4 v * s_j (1 - s_j), with s = sigmoid(2y): the factor 4 v is the
         # same for every step and position, so the steps sum g_j s_j (1 - s_j) and it multiplies once at the end
@@ -108,7 +115,6 @@ class AttentionGRUUnroll(torch.autograd.Function):
         states_t = states.transpose(1, 2)  # (B, 2H, S)
         grad_h = torch.zeros_like(hs[0])
         quantum = row_quantum(hs)  # as in forward; the rows after step t's in the flat buffers are step t + 1's
-        flat_input_grads, flat_hq_grads = input_grads.view(T * B, -1), hq_grads.view(T * B, -1)
         for t in range(T - 1, -1, -1):
             h, reset, update, candidate = hs[t], resets[t], updates[t], candidates[t]
             grad_h = grad_h + grad_tops[t]
@@ -140,10 +146,10 @@ class AttentionGRUUnroll(torch.autograd.Function):
                 grad_h = torch.addmm(grad_h * update, hq, w_hq)  # (B, H): direct path + through W_hh and W_q
             else:
                 grad_h = torch.mm(extended_rows(flat_hq_grads, t * B, B, quantum), w_hq)[:B].addcmul_(grad_h, update)
-        rows = T * B
-        grad_w_hq = torch.mm(hq_grads.view(rows, -1).t(), hs[:-1].reshape(rows, H))
+        # over `padded` rows: those after T * B are zero in the gradients, so whatever hs holds there adds nothing
+        grad_w_hq = torch.mm(flat_hq_grads.t(), flat_hs[:padded])
         grad_b_hh = hq_grads[..., :3 * H].sum((0, 1))
-        grad_w_ctx = torch.mm(input_grads.view(rows, -1).t(), contexts.view(rows, -1))
+        grad_w_ctx = torch.mm(flat_input_grads.t(), flat_contexts)
         grad_states = torch.bmm(weights.permute(1, 2, 0), context_grads.transpose(0, 1))  # (B, S, 2H)
         grad_keys = key_sum.mul_(four_v)
         return (input_grads.transpose(0, 1), grad_h, grad_states, grad_keys, None, grad_w_hq, grad_b_hh,
