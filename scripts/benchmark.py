@@ -9,8 +9,13 @@ attention (512), dropout 0.2, batches of 4,096 target tokens. The script measure
   - the machine's matmul peak (fp32 and bf16, 2048^3 on a CPU and 8192^3 on a GPU, the best of five runs
     before training and five after); bf16 is skipped, with a note in the JSON and the table, on a CPU
     without bf16 matrix kernels (AVX2 only), where nmt trains in fp32 instead;
-  - training throughput in real target tokens per second (padding excluded), after a warm-up, for
-    fp32 and bf16 autocast, through the trainer's own `train_step`;
+  - training throughput in real target tokens per second (padding excluded), for fp32 and bf16 autocast,
+    through the trainer's own `train_step`, after a warm-up of 16 steps (20 without --quick) on batches
+    outside the timed ones: on a CPU, oneDNN makes a bf16 kernel for each product shape the first time it
+    meets it (1-20 ms each), and nmt makes the shapes recur (nmt.precision.row_quantum), so after its first
+    steps a run finds most of them made; a shorter warm-up would time that start-up rather than training. The
+    timed batches are the epoch's 5th to 28th (6th to 45th), as before the warm-up was lengthened, and both
+    precisions get the same warm-up;
   - the model's analytic FLOPs per target token (forward + backward = 3 x forward, from the layer
     sizes and the source/target lengths of the timed batches) and the MFU against the measured peak;
   - greedy and beam-5 decoding of test2016 (sentences/s, output pieces/s and BLEU; beam 5 also with
@@ -143,35 +148,38 @@ def flops_per_target_token(cfg: ModelConfig, vocab_size: int, batches: list[tupl
     tgt_tokens = sum(int(t.sum()) for _, t in batches)
     sentences = sum(len(s) for s, _ in batches)
     attended = sum(int((s * t).sum()) for s, t in batches)  # sum over target steps of the source length
-    encoder = 2 * 3 * H * (E + H) + 2 * H * A  # both directions' GRU, then the key projection, per source token
+    encoder = 2 * 3 * H * E + 2 * H * A  # both directions' GRU input gates, then the key projection, per source token
+    recurrent = 2 * 3 * H * H  # both directions' state products, per source token but a sentence's first (zero states)
     O = cfg.output_size or E  # the deep-output width
     decoder = 3 * H * (E + 2 * H) + 3 * H * H + H * A + (H + 2 * H + E) * O + O * vocab_size  # per target token
     attention = A + 2 * H  # per (target step, source position): v . tanh(.) and the weighted sum of states
     bridge = 2 * H * H  # per sentence
-    macs = (encoder * src_tokens + decoder * tgt_tokens + attention * attended + bridge * sentences) / tgt_tokens
+    macs = (encoder * src_tokens + recurrent * (src_tokens - sentences) + decoder * tgt_tokens + attention * attended
+            + bridge * sentences) / tgt_tokens
     return {"flops_per_tgt_token": 3 * 2 * macs, "src_per_tgt_token": src_tokens / tgt_tokens,
             "attended_per_tgt_token": attended / tgt_tokens}
 
 
 # --- training and decoding ---------------------------------------------------------------------------------------
 
-def measure_training(model: Seq2Seq, corpus: EncodedCorpus, batches: list[list[int]], cfg: TrainConfig,
-                     device: torch.device, precision: str, warmup: int, steps: int) -> dict:
+def measure_training(model: Seq2Seq, corpus: EncodedCorpus, cfg: TrainConfig, device: torch.device, precision: str,
+                     warmup: list[list[int]], timed: list[list[int]]) -> dict:
     optimizer = build_optimizer(model, cfg)
     mixed = Precision(precision, device)  # trainer.precision: autocast (and a scaler for fp16)
     model.train()
-    for indices in batches[:warmup]:
+    for indices in warmup:
         train_step(model, collate(corpus, indices), optimizer, cfg, device, precision=mixed)
     tokens, losses = 0, []
     synchronize(device)
     started = time.perf_counter()
-    for indices in batches[warmup:warmup + steps]:
+    for indices in timed:
         result = train_step(model, collate(corpus, indices), optimizer, cfg, device, precision=mixed)
         tokens += result.tokens
         losses.append(result.loss)
     synchronize(device)
     seconds = time.perf_counter() - started
-    return {"tgt_tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds,
+    steps = len(timed)
+    return {"tgt_tokens_per_s": tokens / seconds, "steps": steps, "warmup_steps": len(warmup), "seconds": seconds,
             "tgt_tokens_per_step": tokens / steps, "last_loss": losses[-1]}
 
 
@@ -213,7 +221,7 @@ def main() -> int:
         except NMTError as error:
             print(f"benchmark: error: {error} (here: --run)", file=sys.stderr)
             return 2
-    warmup, steps, decode_count = (4, 24, 500) if args.quick else (5, 40, 1000)
+    first, steps, settle, decode_count = (4, 24, 12, 500) if args.quick else (5, 40, 15, 1000)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     result: dict = {"machine": {"platform": platform.platform(), "processor": cpu_name(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
@@ -241,7 +249,8 @@ def main() -> int:
     cfg.trainer.device = args.device
     cfg.model.output_size = args.output_size
     batches = epoch_batches(corpus, cfg.data.batch_tokens, cfg.data.sort_pool, seed=1, epoch=0)
-    timed = batches[warmup:warmup + steps]
+    timed = batches[first:first + steps]
+    warmup = batches[first + steps:first + steps + settle] + batches[:first]  # the warm-up: none of the timed batches
     lengths = [(corpus.src_lens[b] + 1, corpus.tgt_lens[b] + 1) for b in timed]
     result.update(flops_per_target_token(cfg.model, vocab.size("tgt"), lengths))
 
@@ -250,7 +259,7 @@ def main() -> int:
         print(f"training, {precision} ...", file=sys.stderr, flush=True)
         torch.manual_seed(1)
         model = build_model(cfg.model, vocab.size("src"), vocab.size("tgt")).to(device)
-        result[f"train_{precision}"] = measure_training(model, corpus, batches, cfg, device, precision, warmup, steps)
+        result[f"train_{precision}"] = measure_training(model, corpus, cfg, device, precision, warmup, timed)
     if precisions:
         print("matmul peak, again ...", file=sys.stderr, flush=True)
         measure_peaks_again(result, device)
@@ -269,7 +278,7 @@ def main() -> int:
         decode_model, decode_vocab, result["decode_model"] = trained.model, trained.vocab, f"{args.run} (best)"
     else:
         decode_model, decode_vocab = model, vocab
-        result["decode_model"] = (f"the benchmark's model after {warmup + steps} steps: untrained, so greedy runs to "
+        result["decode_model"] = (f"the benchmark's model after {len(warmup) + steps} steps: untrained, so greedy runs to "
                                   f"the length limit and beam search may stop after one piece; pass --run DIR of a "
                                   f"trained run for representative decoding figures")
     for key, name, beam, precision in DECODINGS:
