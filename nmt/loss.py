@@ -87,7 +87,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 continue
             probs = probs.to(hidden.dtype)
             probs[real:] = 0
-            if want_bias:  # column sums as a matrix-vector product: torch's bf16 column sum is slow on a CPU
+            if want_bias and probs.dtype == exact:
+                grad_bias += probs.sum(dim=0)
+            elif want_bias:  # bf16: a matrix-vector product, as torch's column sum of bf16 is slow on a CPU
                 if ones.numel() != probs.size(0):
                     ones = hidden.new_ones(probs.size(0))
                 grad_bias += torch.mv(probs.t(), ones)
