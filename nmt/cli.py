@@ -181,20 +181,25 @@ def _groups(name: str) -> str:
 
 # torch's cache of oneDNN matrix-product objects (ideep's) and oneDNN's own cache of compiled kernels
 KERNEL_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+# oneDNN kernels that nmt-train keeps: its bf16 products come in few shapes (nmt.precision.row_quantum), and
+# each kept kernel spares the 1-20 ms of making it again (README, "Memory in bf16 on a CPU")
+TRAIN_KERNELS = 256
 
 
-def limit_kernel_caches(capacity: int = 8) -> None:
-    """Keep what oneDNN builds for only the last `capacity` shapes of matrix product (the default: 1,024).
+def limit_kernel_caches(kernels: int = 8) -> None:
+    """Keep torch's oneDNN product objects for the last 8 shapes, and oneDNN's kernels for the last `kernels`
+    (both default to 1,024).
 
     On a CPU, torch runs bf16 matrix products through oneDNN, and for every new combination of shapes
     it builds and caches a kernel, in two caches, each entry with its own memory. Length-bucketed
     batches and a beam that shrinks as sentences finish bring new shapes all the time, so the caches
-    only grow: the 60-minute recipe in bf16 reached a peak RSS of 7.7 GB. With both at 8, a run of
-    the recipe stayed near 1.5 GB, at the same speed (README, "Memory in bf16 on a CPU"); fp32
-    training, through MKL, stays flat either way. Both are read when the first such kernel is built,
-    so this runs before the task; a value the user has set is left alone.
+    only grow: the 60-minute recipe in bf16 reached a peak RSS of 7.7 GB. nmt-train's products now
+    come in a few hundred shapes, and it keeps TRAIN_KERNELS kernels (about 4 MB each); decoding's
+    shapes are not rounded, and the other commands keep 8 (README, "Memory in bf16 on a CPU"). fp32,
+    through MKL, stays flat either way. Both are read when the first such kernel is built, so this runs
+    before the task; a value the user has set is left alone.
     """
-    for name in KERNEL_CACHES:
+    for name, capacity in zip(KERNEL_CACHES, (8, kernels)):
         os.environ.setdefault(name, str(capacity))
 
 
@@ -228,7 +233,7 @@ def _main(name: str, task: Callable, argv: list[str] | None) -> None:
     cfg, cfg_dict = compose_config(name, overrides, show)
     if show:  # printed, and it passed the checks
         return
-    limit_kernel_caches()  # before any bf16 work: oneDNN's caches would grow with every new shape
+    limit_kernel_caches(TRAIN_KERNELS if name == "train" else 8)  # before any bf16 work (see there)
     try:
         task(cfg, cfg_dict)
     except NMTError as error:

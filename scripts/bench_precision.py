@@ -59,13 +59,13 @@ def speed_worker(variants: list[str], device_name: str, length: int, batch_token
     import torch
     import torch._dynamo
 
-    from nmt.cli import compose_config, limit_kernel_caches
+    from nmt.cli import TRAIN_KERNELS, compose_config, limit_kernel_caches
     from nmt.data.batching import EncodedCorpus, collate
     from nmt.model.seq2seq import build_model
     from nmt.precision import Precision, compile_decoder_step
     from nmt.train import build_optimizer, train_step
 
-    limit_kernel_caches()  # as nmt-train does, before the first bf16 kernel is built
+    limit_kernel_caches(TRAIN_KERNELS)  # as nmt-train does, before the first bf16 kernel is built
     torch._dynamo.config.cache_size_limit = 64  # several compiled models of one class in one process
     device = torch.device(device_name)
     rows = batch_tokens // (length + 1)  # +1: eos / bos

@@ -42,7 +42,7 @@ import numpy as np
 import sacrebleu
 import torch
 
-from nmt.cli import limit_kernel_caches
+from nmt.cli import TRAIN_KERNELS, limit_kernel_caches
 from nmt.config import DecodeConfig, ModelConfig, TrainConfig, VocabConfig
 from nmt.data.batching import EncodedCorpus, collate, epoch_batches
 from nmt.data.vocab import Vocab
@@ -204,7 +204,7 @@ def read_lines(path: Path) -> list[str]:
 
 def main() -> int:
     args = parse_args()
-    limit_kernel_caches()  # as the nmt commands do: oneDNN's bf16 kernel caches would swell the peak RSS
+    limit_kernel_caches(TRAIN_KERNELS)  # as nmt-train does: oneDNN's bf16 kernel caches, bounded
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
