@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from nmt.model.recurrence import apply_unrolled
-from nmt.precision import round_up, row_quantum
+from nmt.precision import pad_rows, round_up, row_quantum
 
 # Entries of the (N, V) logits that one block of LinearCrossEntropy holds: 8M (32 MB in fp32) on a CPU
 # (2M measured no faster); on a GPU a few large blocks, to launch few kernels.
@@ -60,10 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # zeroed before they reach a gradient, and their losses are not counted
         quantum = row_quantum(hidden, tokens=True)
         padded = round_up(N, quantum)
-        rows_in, targets_in = hidden, targets
-        if padded != N:
-            rows_in = torch.cat([hidden, hidden.new_zeros(padded - N, hidden.size(1))])
-            targets_in = torch.cat([targets, targets.new_zeros(padded - N)])
+        rows_in, targets_in = pad_rows(hidden, padded), pad_rows(targets, padded)
         grad_hidden = hidden.new_empty(rows_in.shape) if want_hidden else None
         entries = BLOCK_ENTRIES.get(hidden.device.type, GPU_BLOCK_ENTRIES)
         rows = round_up(max(16, entries // max(1, V)), quantum)

@@ -15,6 +15,7 @@ import logging
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nmt.errors import NMTError
@@ -68,16 +69,24 @@ def round_up(count: int, quantum: int) -> int:
     return -(-count // quantum) * quantum
 
 
+def pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """x with zero rows appended along `dim` up to `rows` of them; x itself when it has as many."""
+    extra = rows - x.size(dim)
+    if not extra:
+        return x
+    widths = [0, 0] * (x.dim() - dim % x.dim() - 1) + [0, extra]  # F.pad lists the last dimension first
+    return F.pad(x, widths)
+
+
 def with_padded_rows(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """function(x) for a function of each row alone (a linear layer), with x's rows (all dimensions but the last)
     padded with zeros to a multiple of row_quantum(x, tokens=True) first (bf16 on a CPU), so that its product and
     its gradients' products have shapes seen before. The padding's outputs are dropped, so its gradients are zero."""
     rows = x.numel() // x.size(-1)
-    extra = round_up(rows, row_quantum(x, tokens=True)) - rows
-    if not extra:
+    padded = round_up(rows, row_quantum(x, tokens=True))
+    if padded == rows:
         return function(x)
-    flat = x.reshape(rows, x.size(-1))
-    out = function(torch.cat([flat, flat.new_zeros(extra, flat.size(1))]))
+    out = function(pad_rows(x.reshape(rows, x.size(-1)), padded))
     return out[:rows].view(*x.shape[:-1], out.size(-1))
 
 
@@ -89,9 +98,7 @@ def extended_rows(buffer: torch.Tensor, start: int, count: int, quantum: int) ->
     rows = round_up(count, quantum)
     if start + rows <= buffer.size(-2):
         return buffer[..., start:start + rows, :]
-    extended = buffer.new_zeros(*buffer.shape[:-2], rows, buffer.size(-1))
-    extended[..., :buffer.size(-2) - start, :] = buffer[..., start:, :]
-    return extended
+    return pad_rows(buffer[..., start:, :], rows, dim=-2)
 
 
 _WARNED: set[str] = set()  # the keys cpu_bf16_fallback has warned about

@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.model.birecurrence import BiGRUUnroll, reverse_within_lengths
 from nmt.model.dropout import Dropout, uniform_dropout
 from nmt.model.recurrence import apply_unrolled
-from nmt.precision import round_up, row_quantum
+from nmt.precision import pad_rows, round_up, row_quantum
 
 
 class Encoder(nn.Module):
@@ -55,10 +55,8 @@ class Encoder(nn.Module):
             # One packing for both directions: the second reads each sentence reversed within its length
             packed = pack_padded_sequence(torch.stack([layer_input, flip(layer_input)], 2), lengths,
                                           batch_first=True, enforce_sorted=False)  # data (N, 2, In)
-            data, N = packed.data, packed.data.size(0)
-            extra = round_up(N, row_quantum(data, tokens=True)) - N  # > 0 under bf16: zero rows, for a product shape seen before
-            if extra:
-                data = torch.cat([data, data.new_zeros(extra, *data.shape[1:])])
+            N = packed.data.size(0)  # under bf16, zero rows after them: a product shape seen before
+            data = pad_rows(packed.data, round_up(N, row_quantum(packed.data, tokens=True)))
             input_gates = torch.baddbmm(b_ih.unsqueeze(1), data.transpose(0, 1), w_ih.transpose(1, 2))
             states = apply_unrolled(BiGRUUnroll, input_gates, packed.batch_sizes.tolist(), w_hh, b_hh)[:, :N]  # (2, N, H)
             padded, _ = pad_packed_sequence(packed._replace(data=states.transpose(0, 1)), batch_first=True,
