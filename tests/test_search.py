@@ -276,32 +276,41 @@ def test_ensemble_members_must_share_vocabulary_and_decoder_size(trained_model, 
         Ensemble([trained_model, random_model])
 
 
-@pytest.mark.parametrize("length", [40_000, 40_003, 600])  # blocks of 64; a shorter last block; too short to block
-def test_top_candidates_are_torch_topk(length):
+@pytest.mark.parametrize("rows, length", [(1, 40_000), (1, 40_003), (1, 600), (5, 8_000), (5, 8_003), (3, 100)])
+def test_top_candidates_are_torch_topk_over_the_sums(rows, length):  # blocks of 64; shorter last blocks; too few blocks
     generator = torch.Generator().manual_seed(length)
-    candidates = torch.randn(6, length, generator=generator) * 5
-    candidates[1, : length // 2] = float("-inf")  # dead beams: whole blocks of -inf
-    candidates[2, 3:] = float("-inf")  # fewer finite candidates than k
-    candidates[3, -1] = 100.0  # the best candidate in the last (possibly shorter) block
-    values, indices = top_candidates(candidates, 10)
-    expected = candidates.topk(10, dim=-1)
-    assert torch.equal(values, expected.values)
-    finite = torch.isfinite(values)  # the order of equal values (here the -inf ones) is free
+    values = torch.randn(6, rows, length, generator=generator) * 5
+    offsets = torch.randn(6, rows, generator=generator) * 5
+    values[1, :, : length // 2] = float("-inf")  # dead beams: whole blocks of -inf
+    values[2, :, 3:] = float("-inf")  # fewer finite candidates than k
+    values[3, -1, -1] = 100.0  # the best candidate in the last (possibly shorter) block
+    offsets[4, 0] = float("-inf")  # a beam out of the race
+    top, indices = top_candidates(values, offsets, 10)
+    sums = (offsets.unsqueeze(-1) + values).view(6, -1)
+    expected = sums.topk(10, dim=-1)
+    assert torch.equal(top, expected.values)
+    finite = torch.isfinite(top)  # the order of equal values (here the -inf ones) is free
     assert torch.equal(indices[finite], expected.indices[finite])
-    assert torch.equal(candidates.gather(1, indices), values)
+    assert torch.equal(sums.gather(1, indices), top)
 
 
 @pytest.mark.parametrize("which", ["trained", "random"])
-def test_beam_search_through_blocked_top_candidates_equals_plain_topk(which, trained_model, random_model, sources,
-                                                                      monkeypatch):
+def test_beam_search_through_blocked_top_candidates_equals_topk_over_all_candidates(which, trained_model, random_model,
+                                                                                    sources, monkeypatch):
     model = trained_model if which == "trained" else random_model
     src_ids, src_lens = sources
-    monkeypatch.setattr(nmt.search, "TOPK_BLOCK", 10**9)  # no blocks: torch.topk over all K x V candidates
-    plain = beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4)
-    monkeypatch.setattr(nmt.search, "TOPK_BLOCK", 2)  # K x V = 64 candidates in 32 blocks: the blocked path
-    blocked = beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4)
-    assert [[(h.tokens, h.score) for h in nbest] for nbest in blocked] == \
-           [[(h.tokens, h.score) for h in nbest] for nbest in plain]
+    searches = []
+    for block, min_blocks in [(1, 1), (3, 1), (64, 4)]:  # V = 16: blocks of 1; of 3 and a shorter one; no blocks
+        monkeypatch.setattr(nmt.search, "TOPK_BLOCK", block)
+        monkeypatch.setattr(nmt.search, "TOPK_MIN_BLOCKS", min_blocks)
+        searches.append(beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4))
+    # each sentence's K x V candidates made in full, and torch.topk over them
+    monkeypatch.setattr(nmt.search, "top_candidates",
+                        lambda values, offsets, k: (offsets.unsqueeze(-1) + values).flatten(1).topk(k, dim=-1))
+    expected = beam_search(model, src_ids, src_lens, beam_size=4, alpha=1.0, n_best=4)
+    for search in searches:
+        assert [[(h.tokens, h.score) for h in nbest] for nbest in search] == \
+               [[(h.tokens, h.score) for h in nbest] for nbest in expected]
 
 
 def test_the_first_beam_step_runs_one_decoder_row_per_sentence(trained_model, sources, monkeypatch):
