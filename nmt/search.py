@@ -141,7 +141,8 @@ def top_candidates(values: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple
     """
     N, R, L = values.shape
     blocks = L // TOPK_BLOCK
-    if values.device.type != "cpu" or R * blocks < TOPK_MIN_BLOCKS * k:  # GPUs have a fast topk; short rows gain nothing
+    # GPUs have a fast topk, and a few blocks gain nothing
+    if values.device.type != "cpu" or R * blocks < TOPK_MIN_BLOCKS * k:
         return (offsets.unsqueeze(-1) + values).view(N, R * L).topk(k, dim=-1)
     whole = blocks * TOPK_BLOCK
     best = offsets.unsqueeze(-1) + values[..., :whole].view(N, R, blocks, TOPK_BLOCK).amax(-1)  # (N, R, blocks)
