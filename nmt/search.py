@@ -52,10 +52,10 @@ def _allowed(log_probs: torch.Tensor, at_limit: torch.Tensor, t: int) -> torch.T
     return torch.where(at_limit.unsqueeze(1), forced, log_probs)
 
 
-def _hypothesis(tokens: torch.Tensor, log_prob: float, attention: torch.Tensor | None, src_len: int,
+def _hypothesis(tokens: list[int], log_prob: float, attention: torch.Tensor | None, src_len: int,
                 alpha: float) -> Hypothesis:
-    """tokens (t,) ending in eos, attention (t, S) or None -> Hypothesis."""
-    return Hypothesis(tokens[:-1].tolist(), log_prob / length_penalty(tokens.numel(), alpha), log_prob,
+    """tokens (t of them) ending in eos, attention (t, S) or None -> Hypothesis."""
+    return Hypothesis(tokens[:-1], log_prob / length_penalty(len(tokens), alpha), log_prob,
                       None if attention is None else attention[:, :src_len].cpu())
 
 
@@ -66,6 +66,7 @@ def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_le
     device = src_ids.device
     encoded, hidden = model.encode(src_ids, src_lens, for_search=True)
     limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
+    lengths = src_lens.tolist()
     active = torch.arange(src_ids.size(0), device=device)  # (N,) sentences still decoding
     prev = torch.full_like(active, BOS_ID)  # (N,)
     seq = torch.empty(active.numel(), 0, dtype=torch.long, device=device)  # (N, t)
@@ -81,10 +82,12 @@ def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_le
         if keep_attention:
             attn = torch.cat([attn, weights.unsqueeze(1).float()], dim=1)  # (N, t + 1, S)
         ended = prev == EOS_ID  # (N,)
-        for row in ended.nonzero().flatten().tolist():
-            sentence = int(active[row])
-            results[sentence] = _hypothesis(seq[row], float(log_prob[row]), attn[row] if keep_attention else None,
-                                            int(src_lens[sentence]), alpha)
+        if ended.any():  # a few bulk copies to Python, not several small tensor ops per sentence
+            ended_attn = attn[ended] if keep_attention else None
+            for e, (sentence, tokens, score) in enumerate(zip(active[ended].tolist(), seq[ended].tolist(),
+                                                               log_prob[ended].tolist())):
+                results[sentence] = _hypothesis(tokens, score, None if ended_attn is None else ended_attn[e],
+                                                lengths[sentence], alpha)
         if ended.all():
             break
         if ended.any():
@@ -182,17 +185,23 @@ def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, b
     device = src_ids.device
     limits = max_lengths(src_lens, max_len_ratio).to(device)  # (B,)
     largest_penalty = length_penalty(limits.float(), alpha)  # (B,) the penalty at the length bound
+    lengths = src_lens.tolist()
     finished: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
     num_finished = torch.zeros(src_ids.size(0), dtype=torch.long, device=device)  # (B,)
     nth_best = torch.full((src_ids.size(0),), float("-inf"), device=device)  # (B,) the n_best-th finished score
     for t in range(int(limits.max())):
         beams, ended = _beam_step(model, beams, limits, t, K, keep_attention)
-        for n, j, tokens, log_prob, attention in ended:
-            sentence = int(beams.active[n])
-            finished[sentence].append(_hypothesis(tokens, log_prob, attention, int(src_lens[sentence]), alpha))
-            num_finished[sentence] += 1
-            if len(finished[sentence]) >= n_best:
-                nth_best[sentence] = sorted((h.score for h in finished[sentence]), reverse=True)[n_best - 1]
+        if ended:  # Python's own bookkeeping, then one update of each tensor
+            active = beams.active.tolist()
+            for n, tokens, log_prob, attention in ended:
+                sentence = active[n]
+                finished[sentence].append(_hypothesis(tokens, log_prob, attention, lengths[sentence], alpha))
+            sentences = sorted({active[n] for n, *_ in ended})
+            index = torch.tensor(sentences, device=device)
+            num_finished[index] = torch.tensor([len(finished[b]) for b in sentences], device=device)
+            nth_best[index] = torch.tensor([sorted((h.score for h in finished[b]), reverse=True)[n_best - 1]
+                                            if len(finished[b]) >= n_best else float("-inf") for b in sentences],
+                                           dtype=nth_best.dtype, device=device)
         done = num_finished[beams.active] >= K  # (N,)
         if stop_early:  # (a test compares with stop_early=False)
             reachable = beams.scores.max(dim=1).values / largest_penalty[beams.active]  # (N,) best possible score
@@ -222,8 +231,14 @@ def _beam_step(model: Seq2Seq, beams: _Beams, limits: torch.Tensor, t: int, K: i
     is_eos = (token == EOS_ID) & torch.isfinite(top_scores)  # (N, 2K)
     ended_mask = is_eos.clone()
     ended_mask[:, K:] = False  # only an eos that ranks within the top K finishes a hypothesis
-    ended = [(n, j, seq[n, j], float(top_scores[n, j]), attn[n, j] if keep_attention else None)
-             for n, j in ended_mask.nonzero().tolist()]
+    # (sentence row, tokens, log-prob, attention or None) of each, through a few bulk copies to Python
+    ended_rows = ended_mask.nonzero()[:, 0].tolist()
+    if ended_rows:
+        ended_attn = attn[ended_mask] if keep_attention else None
+        ended = [(n, tokens, score, None if ended_attn is None else ended_attn[e]) for e, (n, tokens, score)
+                 in enumerate(zip(ended_rows, seq[ended_mask].tolist(), top_scores[ended_mask].tolist()))]
+    else:
+        ended = []
     # (N, K) from the 2K; fewer only when the first step's V candidates are fewer than K
     scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(min(K, top_scores.size(1)), dim=-1)
     rows = (_gather_rows(origin.unsqueeze(-1), pick).squeeze(-1)
