@@ -59,6 +59,15 @@ def _hypothesis(tokens: list[int], log_prob: float, attention: torch.Tensor | No
                       None if attention is None else attention[:, :src_len].cpu())
 
 
+def _ended(mask: torch.Tensor, seq: torch.Tensor, log_probs: torch.Tensor, attn: torch.Tensor,
+           keep_attention: bool) -> list[tuple[list[int], float, torch.Tensor | None]]:
+    """The tokens, log-probability and attention (or None) of each hypothesis that mask marks as ended, in
+    row-major order: mask (N,) or (N, C) over seq (..., t), log_probs and attn (..., t, S). A few bulk copies
+    to Python, not several small tensor operations per hypothesis."""
+    tokens = seq[mask].tolist()
+    return list(zip(tokens, log_probs[mask].tolist(), attn[mask] if keep_attention else [None] * len(tokens)))
+
+
 @torch.no_grad()
 def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_len_ratio: float = 1.5,
            alpha: float = 0.0, keep_attention: bool = True) -> list[Hypothesis]:
@@ -82,12 +91,10 @@ def greedy(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, max_le
         if keep_attention:
             attn = torch.cat([attn, weights.unsqueeze(1).float()], dim=1)  # (N, t + 1, S)
         ended = prev == EOS_ID  # (N,)
-        if ended.any():  # a few bulk copies to Python, not several small tensor ops per sentence
-            ended_attn = attn[ended] if keep_attention else None
-            for e, (sentence, tokens, score) in enumerate(zip(active[ended].tolist(), seq[ended].tolist(),
-                                                               log_prob[ended].tolist())):
-                results[sentence] = _hypothesis(tokens, score, None if ended_attn is None else ended_attn[e],
-                                                lengths[sentence], alpha)
+        if ended.any():
+            for sentence, (tokens, score, attention) in zip(active[ended].tolist(),
+                                                             _ended(ended, seq, log_prob, attn, keep_attention)):
+                results[sentence] = _hypothesis(tokens, score, attention, lengths[sentence], alpha)
         if ended.all():
             break
         if ended.any():
@@ -231,14 +238,9 @@ def _beam_step(model: Seq2Seq, beams: _Beams, limits: torch.Tensor, t: int, K: i
     is_eos = (token == EOS_ID) & torch.isfinite(top_scores)  # (N, 2K)
     ended_mask = is_eos.clone()
     ended_mask[:, K:] = False  # only an eos that ranks within the top K finishes a hypothesis
-    # (sentence row, tokens, log-prob, attention or None) of each, through a few bulk copies to Python
-    ended_rows = ended_mask.nonzero()[:, 0].tolist()
-    if ended_rows:
-        ended_attn = attn[ended_mask] if keep_attention else None
-        ended = [(n, tokens, score, None if ended_attn is None else ended_attn[e]) for e, (n, tokens, score)
-                 in enumerate(zip(ended_rows, seq[ended_mask].tolist(), top_scores[ended_mask].tolist()))]
-    else:
-        ended = []
+    # (sentence row, tokens, log-prob, attention or None) of each
+    ended = [(n, *hypothesis) for n, hypothesis in zip(ended_mask.nonzero()[:, 0].tolist(),
+                                                       _ended(ended_mask, seq, top_scores, attn, keep_attention))]
     # (N, K) from the 2K; fewer only when the first step's V candidates are fewer than K
     scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(min(K, top_scores.size(1)), dim=-1)
     rows = (_gather_rows(origin.unsqueeze(-1), pick).squeeze(-1)
