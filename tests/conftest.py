@@ -19,9 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 # nmt-train comes first on PATH (another checkout's, say); subprocesses inherit this PATH.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
-# Overrides that keep an end-to-end `experiment=debug` run to a few seconds on a CPU.
+# Overrides that keep an end-to-end `experiment=debug` run to a few seconds on a CPU. One thread: tests compare the
+# weights of runs in different processes bit for bit, and with two threads MKL's results on an Intel CPU differed
+# between processes now and then (README, "Nothing lost: checkpoints and resuming").
 FAST_DEBUG = ["experiment=debug", "data.train_limit=500", "data.val_limit=20", "trainer.max_epochs=1",
-              "trainer.device=cpu"]
+              "trainer.device=cpu", "trainer.num_threads=1"]
 
 # A small German-English corpus: enough distinct words for SentencePiece and for batching tests.
 TINY_PAIRS = [
