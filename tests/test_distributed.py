@@ -27,7 +27,7 @@ from nmt.config import ModelConfig, OptimConfig, TrainConfig, VocabConfig
 from nmt.data.batching import EncodedCorpus, collate, epoch_batches
 from nmt.data.sampling import SegmentationSampler, load_segmentation
 from nmt.data.vocab import Vocab
-from nmt.distributed import Distributed, PeerFailed, advance, rank_batches, wrap_model
+from nmt.distributed import Distributed, PeerFailed, advance, rank_batches, teardown, wrap_model
 from nmt.errors import Interrupted, NMTError
 from nmt.model.seq2seq import build_model
 from nmt.run import RunFiles, load_trained
@@ -100,39 +100,49 @@ def fresh_model():
 
 
 def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """Leaves the group as nmt-train does (`teardown`): after a barrier, and only once the DDP wrapper, which lives
+    in `_rank_steps`, is gone. (Destroying the group under a live wrapper is one suspect for the rare SIGABRT,
+    "terminate called without an active exception", that this fixture met in CI.)"""
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist = Distributed(rank, world_size, rank, torch.device("cpu"))
+    clean = False
     try:
-        dist = Distributed(rank, world_size, rank, torch.device("cpu"))
-        model, optimizer = fresh_model()
-        ddp = wrap_model(model, dist)
-        corpus = tiny_corpus()
-        first = train_step(ddp, collate(corpus, [BATCH_A, BATCH_B][rank]), optimizer, tiny_config(), dist.device, dist)
-        after_first = {k: v.clone() for k, v in model.state_dict().items()}
-        # second step: rank 1 alone sees an infinite logit; both ranks must skip the update
-        hook = ddp.module.decoder.pre_output.register_forward_hook(lambda m, i, out: out * float("inf")) if rank == 1 else None
-        second = train_step(ddp, collate(corpus, [BATCH_A, BATCH_B][rank]), optimizer, tiny_config(), dist.device, dist)
-        if hook is not None:
-            hook.remove()
-        unchanged = all(torch.equal(v, after_first[k]) for k, v in model.state_dict().items())
-        # main_first: rank 0 runs the block before the others, and its failure reaches them
-        marker = Path(out_dir) / "written-by-rank-0"
-        with dist.main_first():
-            seen = marker.exists()
-            marker.touch()
-        try:
-            with dist.main_first():
-                if rank == 0:
-                    raise NMTError("the data is bad")
-            outcome = "ran"
-        except PeerFailed:
-            outcome = "peer failed"
-        except NMTError:
-            outcome = "failed"
-        torch.save({"state": after_first, "first": (first.loss, first.tokens, first.status),
-                    "second": second.status, "unchanged": unchanged, "seen": seen, "outcome": outcome},
-                   Path(out_dir) / f"rank{rank}.pt")
+        _rank_steps(dist, out_dir)
+        clean = True
     finally:
-        torch_dist.destroy_process_group()
+        teardown(dist, clean)
+
+
+def _rank_steps(dist: Distributed, out_dir: str) -> None:
+    rank = dist.rank
+    model, optimizer = fresh_model()
+    ddp = wrap_model(model, dist)
+    corpus = tiny_corpus()
+    first = train_step(ddp, collate(corpus, [BATCH_A, BATCH_B][rank]), optimizer, tiny_config(), dist.device, dist)
+    after_first = {k: v.clone() for k, v in model.state_dict().items()}
+    # second step: rank 1 alone sees an infinite logit; both ranks must skip the update
+    hook = ddp.module.decoder.pre_output.register_forward_hook(lambda m, i, out: out * float("inf")) if rank == 1 else None
+    second = train_step(ddp, collate(corpus, [BATCH_A, BATCH_B][rank]), optimizer, tiny_config(), dist.device, dist)
+    if hook is not None:
+        hook.remove()
+    unchanged = all(torch.equal(v, after_first[k]) for k, v in model.state_dict().items())
+    # main_first: rank 0 runs the block before the others, and its failure reaches them
+    marker = Path(out_dir) / "written-by-rank-0"
+    with dist.main_first():
+        seen = marker.exists()
+        marker.touch()
+    try:
+        with dist.main_first():
+            if rank == 0:
+                raise NMTError("the data is bad")
+        outcome = "ran"
+    except PeerFailed:
+        outcome = "peer failed"
+    except NMTError:
+        outcome = "failed"
+    torch.save({"state": after_first, "first": (first.loss, first.tokens, first.status),
+                "second": second.status, "unchanged": unchanged, "seen": seen, "outcome": outcome},
+               Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
