@@ -15,6 +15,7 @@ import nmt.model.recurrence
 import nmt.precision
 from nmt.config import INIT_SCHEMES, EmbeddingConfig, ModelConfig
 from nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from nmt.model.activation import tanh
 from nmt.model.attention import BahdanauAttention
 from nmt.model.birecurrence import BiGRUUnroll, reverse_within_lengths
 from nmt.model.decoder import Decoder, gru_update
@@ -390,6 +391,25 @@ def test_search_token_table_holds_the_per_step_terms_while_it_is_open():
     renormed = tiny_model(embeddings=EmbeddingConfig(max_norm=1.0)).eval()
     with renormed.token_table():
         assert renormed._token_table is None  # a max_norm lookup changes the weight as it reads it
+
+
+def test_cpu_float32_tanh_is_torchs_sigmoid_and_agrees_with_torch_tanh():
+    """The model's tanh: in float32 on a CPU, 2 sigmoid(2x) - 1 bit for bit (torch's own kernel, whose results do not
+    depend on MKL's threads), within 2e-7 of tanh in value and gradient; torch.tanh itself in bfloat16. The reference
+    is Python's math.tanh: torch.tanh is the MKL function that varies."""
+    x = torch.cat([torch.linspace(-12, 12, 20_001), torch.tensor([0.0, 1e-8, -1e-30, 40.0, -40.0])]).requires_grad_()
+    y = tanh(x)
+    assert torch.equal(y, torch.sigmoid(2 * x) * 2 - 1)
+    expected = torch.tensor([math.tanh(v) for v in x.tolist()], dtype=torch.float64)
+    assert torch.allclose(y.double(), expected, rtol=0, atol=2e-7) and y[-2] == 1 and y[-1] == -1
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(grad.double(), 1 - expected ** 2, rtol=0, atol=5e-7)
+    buffer = torch.full((3, 8), float("nan"))
+    out = tanh(x.detach()[:16].view(2, 8), out=buffer[1:])  # a view, written in place, as the recurrences do
+    assert out.data_ptr() == buffer[1:].data_ptr() and torch.equal(buffer[1:], y.detach()[:16].view(2, 8))
+    assert buffer[0].isnan().all()
+    half = x.detach().to(torch.bfloat16)
+    assert torch.equal(tanh(half), torch.tanh(half))
 
 
 def test_dropout_acts_only_in_training_mode():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nmt.model.activation import tanh
 from nmt.precision import with_padded_rows
 
 
@@ -35,7 +36,7 @@ class BahdanauAttention(nn.Module):
 
     def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query (B, H), keys (B, S, A), mask (B, S) -> weights (B, S)."""
-        scores = self.v(torch.tanh(self.query_proj(query).unsqueeze(1) + keys)).squeeze(-1)  # (B, S)
+        scores = self.v(tanh(self.query_proj(query).unsqueeze(1) + keys)).squeeze(-1)  # (B, S)
         return _masked_softmax(scores, mask)
 
     def beam_weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from nmt.model.activation import tanh
 from nmt.precision import extended_rows, round_up, row_quantum
 
 
@@ -62,7 +63,7 @@ class BiGRUUnroll(torch.autograd.Function):
             h_r, h_z, h_n = hidden_gates[:, rows].chunk(3, dim=-1)
             reset = torch.sigmoid(i_r + h_r, out=resets[:, rows])
             update = torch.sigmoid(i_z + h_z, out=updates[:, rows])
-            candidate = torch.tanh(torch.addcmul(i_n, reset, h_n), out=candidates[:, rows])
+            candidate = tanh(torch.addcmul(i_n, reset, h_n), out=candidates[:, rows])
             h = torch.addcmul(candidate, update, h - candidate, out=states[:, rows])  # (1 - z) * n + z * h
             previous_start = start
             start += size

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmt.model.activation import tanh
 from nmt.model.attention import BahdanauAttention
 from nmt.model.dropout import Dropout
 from nmt.model.recurrence import AttentionGRUUnroll, apply_unrolled
@@ -25,7 +26,7 @@ def gru_update(input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: to
     h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
     reset = torch.sigmoid(i_r + h_r)
     update = torch.sigmoid(i_z + h_z)
-    candidate = torch.tanh(i_n + reset * h_n)
+    candidate = tanh(i_n + reset * h_n)
     return candidate + update * (hidden - candidate)  # (1 - z) * n + z * h
 
 
@@ -49,7 +50,7 @@ class Decoder(nn.Module):
 
     def init_hidden(self, encoder_final: torch.Tensor) -> torch.Tensor:
         """encoder_final (B, 2H) -> hidden (L, B, H)."""
-        bridged = torch.tanh(self.bridge(encoder_final))  # (B, L * H)
+        bridged = tanh(self.bridge(encoder_final))  # (B, L * H)
         return bridged.view(-1, self.num_layers, self.hidden_size).transpose(0, 1).contiguous()  # (L, B, H)
 
     def _embedding_gates(self, embedded: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class Decoder(nn.Module):
     def _output(self, top: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """[s_i; c_i; embedding] (..., H + 2H + E) -> pre-output (..., O), O = output_size (default E)."""
         joined = torch.cat([top, context, embedded], dim=-1)
-        return self.dropout(torch.tanh(with_padded_rows(self.pre_output, joined)))
+        return self.dropout(tanh(with_padded_rows(self.pre_output, joined)))
 
     def forward(self, embedded: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, keys: torch.Tensor,
                 src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,4 +145,4 @@ class Decoder(nn.Module):
         hidden_gates = F.linear(hidden[0], self.cell.weight_hh, self.cell.bias_hh)  # (B * K, 3H)
         top, new_hidden = self._upper_layers(gru_update(input_gates, hidden_gates, hidden[0]), hidden)
         pre_output = F.linear(top, self.pre_output.weight[:, :self.hidden_size]) + output_part  # (B * K, O)
-        return self.dropout(torch.tanh(pre_output)), new_hidden, weights.view(rows, -1)
+        return self.dropout(tanh(pre_output)), new_hidden, weights.view(rows, -1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from nmt.model.activation import tanh
 from nmt.precision import extended_rows, round_up, row_quantum
 
 
@@ -83,7 +84,7 @@ class AttentionGRUUnroll(torch.autograd.Function):
             h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
             reset = torch.sigmoid(i_r + h_r)
             update = torch.sigmoid(i_z + h_z)
-            candidate = torch.tanh(torch.addcmul(i_n, reset, h_n))
+            candidate = tanh(torch.addcmul(i_n, reset, h_n))
             torch.addcmul(candidate, update, h - candidate, out=hs[t + 1])  # (1 - z) * n + z * h
             resets[t], updates[t], candidates[t], hidden_n[t] = reset, update, candidate, h_n
         ctx.save_for_backward(flat_hs, resets, updates, candidates, hidden_n, flat_contexts, weights, activations,
