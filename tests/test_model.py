@@ -393,7 +393,7 @@ def test_search_token_table_holds_the_per_step_terms_while_it_is_open():
         assert renormed._token_table is None  # a max_norm lookup changes the weight as it reads it
 
 
-def test_cpu_float32_tanh_is_torchs_sigmoid_and_agrees_with_torch_tanh():
+def test_cpu_float32_tanh_is_torchs_sigmoid_and_agrees_with_tanh():
     """The model's tanh: in float32 on a CPU, 2 sigmoid(2x) - 1 bit for bit (torch's own kernel, whose results do not
     depend on MKL's threads), within 2e-7 of tanh in value and gradient; torch.tanh itself in bfloat16. The reference
     is Python's math.tanh: torch.tanh is the MKL function that varies."""
