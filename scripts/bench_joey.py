@@ -14,15 +14,21 @@ passes an argument that torch 2.13 no longer takes.
     python scripts/bench_joey.py --joey-python ~/joey/bin/python --data-dir ../shared/data \
         --spm runs/best/spm.joint.model --nmt-json nmt.json --out joey.json
 
-Joey trains the issue's reference model for one epoch of Multi30k de→en: embeddings 256, a
-bidirectional GRU encoder of 512, a GRU decoder of 512 with Bahdanau attention (Joey's defaults
-otherwise: input feeding, a bridge to the initial state), dropout 0.2, batches of 4,096 tokens, fp32,
-on the joint SentencePiece vocabulary of the given model (the pieces nmt uses). It validates once
-(greedy) so that a checkpoint exists, and after the epoch decodes test2016 with beam 5 (alpha 1.0,
-64 sentences a batch) as its `train` command does. Figures are Joey's own: the epoch's target tokens
-and training seconds (validation excluded) from its epoch summary, and "Generation took" for
-test2016. One epoch leaves the model undertrained: its hypotheses' lengths are reported, because
-beam search runs until they end.
+Joey trains the issue's reference model on Multi30k de→en, one epoch unless --epochs says more:
+embeddings 256, a bidirectional GRU encoder of 512, a GRU decoder of 512 with Bahdanau attention
+(Joey's defaults otherwise: input feeding, a bridge to the initial state), dropout 0.2, batches of
+4,096 tokens, fp32, on the joint SentencePiece vocabulary of the given model (the pieces nmt uses).
+It validates (greedy) every --validate-at steps, which writes the checkpoint, and after training
+decodes test2016 with beam 5 (alpha 1.0, 64 sentences a batch) as its `train` command does. Figures
+are Joey's own: the target tokens and training seconds (validation excluded) summed over its epoch
+summaries, and "Generation took" for test2016.
+
+Beam search runs until the hypotheses end, so the decoding speed per sentence depends on how well
+the model is trained: one epoch leaves it writing long, repetitive hypotheses (BLEU near 1), which
+take more steps than a trained model's. The hypotheses' mean length is reported, and so are pieces/s.
+For a fair side by side, train Joey for several epochs once (--epochs 5: about half an hour on a
+2-core machine), then time its decoding again with --decode-only, which runs Joey's `test` command
+on the model already in --work-dir, alternating with benchmark.py's runs.
 
 Writes JSON (--out) and prints a markdown table; with --nmt-json (benchmark.py's JSON from the same
 machine) the table also gives nmt's figures and the ratios. Run it on an otherwise idle machine.
@@ -44,14 +50,15 @@ from pathlib import Path
 import sentencepiece
 import yaml
 
-EPOCH_SUMMARY = re.compile(r"Epoch\s+1, total training loss: \S+, num\. of seqs: (\d+), "
+EPOCH_SUMMARY = re.compile(r"Epoch\s+\d+, total training loss: \S+, num\. of seqs: (\d+), "
                            r"num\. of tokens: (\d+), ([\d.]+)\[sec\]")
 WINDOW = re.compile(r"Tokens per Sec:\s+(\d+)")
 GENERATION = re.compile(r"Generation took ([\d.]+)\[sec\]")
 BEAM_RESULT = re.compile(r"Evaluation result \(beam search\): bleu:\s+([\d.]+)")
 
 
-def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, validate_at: int) -> dict:
+def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, validate_at: int,
+                epochs: int = 1) -> dict:
     side = {"level": "bpe", "tokenizer_type": "sentencepiece", "voc_file": str(vocab),
             "tokenizer_cfg": {"model_file": str(spm_model)}}
     rnn = {"type": "recurrent", "rnn_type": "gru", "hidden_size": 512, "num_layers": 1, "dropout": 0.2,
@@ -65,7 +72,7 @@ def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, v
                      "random_seed": 42, "optimizer": "adam", "learning_rate": 0.001, "batch_size": 4096,
                      # a constant learning rate (Joey's default plateau scheduler fails on a recent torch)
                      "scheduling": "exponential", "decrease_factor": 1.0,
-                     "batch_type": "token", "epochs": 1, "validation_freq": validate_at, "logging_freq": 25,
+                     "batch_type": "token", "epochs": epochs, "validation_freq": validate_at, "logging_freq": 25,
                      "eval_metrics": ["bleu"], "early_stopping_metric": "ppl", "keep_best_ckpts": 1,
                      "shuffle": True, "num_workers": 0, "print_valid_sents": [0]},
         "testing": {"beam_size": 5, "beam_alpha": 1.0, "batch_size": 64, "batch_type": "sentence",
@@ -85,16 +92,21 @@ def write_vocab(processor: sentencepiece.SentencePieceProcessor, target: Path) -
     return len(pieces)
 
 
-def parse_log(log: str) -> dict:
-    summary = EPOCH_SUMMARY.search(log)
-    if summary is None:
+def parse_training(log: str) -> dict:
+    """The training figures of Joey's train.log, summed over its epoch summaries."""
+    summaries = EPOCH_SUMMARY.findall(log)
+    if not summaries:
         raise SystemExit("bench_joey: Joey's log has no epoch summary; see its train.log for what went wrong.")
-    sequences, tokens, seconds = int(summary[1]), int(summary[2]), float(summary[3])
+    sequences, tokens, seconds = (sum(float(s[i]) for s in summaries) for i in range(3))
+    return {"train_epochs": len(summaries), "train_sentences": int(sequences), "train_tgt_tokens": int(tokens),
+            "train_seconds": seconds, "train_tgt_tokens_per_s": tokens / seconds,
+            "window_tgt_tokens_per_s": [int(w) for w in WINDOW.findall(log)]}
+
+
+def parse_decoding(log: str) -> dict:
+    """The beam-5 decoding of test2016 in Joey's train.log or test.log."""
     after_test = log[log.index("Decoding on test set"):]
-    return {"train_sentences": sequences, "train_tgt_tokens": tokens, "train_seconds": seconds,
-            "train_tgt_tokens_per_s": tokens / seconds,
-            "window_tgt_tokens_per_s": [int(w) for w in WINDOW.findall(log)],
-            "beam5_seconds": float(GENERATION.search(after_test)[1]),
+    return {"beam5_seconds": float(GENERATION.search(after_test)[1]),
             "beam5_bleu": float(BEAM_RESULT.search(after_test)[1])}
 
 
@@ -110,10 +122,14 @@ def table(joey: dict, nmt: dict | None) -> str:
          nmt.get("beam5_sentences_per_s"), "{:.1f}"),
         ("beam-5 decoding, sent/s: nmt bf16 (Joey fp32)", joey["beam5_sentences_per_s"],
          nmt.get("beam5_bf16_sentences_per_s"), "{:.1f}"),
-        ("peak RSS of the process, MB", joey["peak_rss_mb"], nmt.get("peak_rss_mb"), "{:,.0f}"),
+        ("beam-5 decoding, hypothesis pieces/s: both fp32", joey.get("beam5_pieces_per_s"),
+         nmt.get("decode_beam5", {}).get("tokens_per_s"), "{:,.0f}"),
+        ("peak RSS of the training process, MB", joey.get("peak_rss_mb"), nmt.get("peak_rss_mb"), "{:,.0f}"),
     ]
     lines = ["| | Joey NMT 2.3.0 | nmt | nmt / Joey |", "|---|---:|---:|---:|"]
     for label, joey_value, nmt_value, form in rows:
+        if joey_value is None:  # pieces/s in an older JSON; RSS after --decode-only
+            continue
         if nmt_value is None:
             lines.append(f"| {label} | {form.format(joey_value)} | – | – |")
         else:
@@ -121,41 +137,59 @@ def table(joey: dict, nmt: dict | None) -> str:
                          f"{nmt_value / joey_value:.2f}× |")
     beam = nmt.get("decode_beam5", {})
     nmt_bleu, nmt_length = (f"{beam['bleu']:.2f}", f"{beam['mean_output_pieces']:.1f}") if beam else ("–", "–")
-    joey_bleu = f"{joey['beam5_bleu']:.2f} (one epoch)"
+    epochs = joey.get("train_epochs", 1)
+    joey_bleu = f"{joey['beam5_bleu']:.2f} ({epochs} epoch{'s' if epochs > 1 else ''})"
     lines.append(f"| test2016 BLEU of the decoded model (beam 5) | {joey_bleu} | {nmt_bleu} | |")
     lines.append(f"| mean hypothesis length, pieces | {joey['mean_hypothesis_pieces']:.1f} | {nmt_length} | |")
     return "\n".join(lines)
 
 
 def run_joey(args: argparse.Namespace) -> dict:
-    """Train and decode with Joey as the module docstring says; its figures, read from its own log."""
+    """Train and decode with Joey as the module docstring says (or, with --decode-only, decode with the model
+    already in --work-dir); its figures, read from its own logs."""
     work, data_dir, spm_model = Path(args.work_dir).resolve(), Path(args.data_dir).resolve(), Path(args.spm).resolve()
     for needed in (spm_model, data_dir / "multi30k" / "train.de"):
         if not needed.is_file():
             raise SystemExit(f"bench_joey: {needed} does not exist; check --spm and --data-dir.")
-    work.mkdir(parents=True, exist_ok=True)
+    config_path, model_dir = work / "joey.yaml", work / "model"
     processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
-    vocab_size = write_vocab(processor, work / "vocab.txt")
-    config = joey_config(data_dir, work / "vocab.txt", spm_model, work / "model", args.validate_at)
-    config_path = work / "joey.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    if args.decode_only:
+        if not (model_dir / "train.log").is_file():
+            raise SystemExit(f"bench_joey: --decode-only needs a model that this script trained in {work}; "
+                             f"run it once without --decode-only (and with --epochs) first.")
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        command, log_name, hyps_name = ["test", str(config_path), "-o", str(model_dir / "decode.hyps")], "test.log", \
+            "decode.hyps.test"
+        (model_dir / log_name).unlink(missing_ok=True)  # Joey appends to its log
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        write_vocab(processor, work / "vocab.txt")
+        config = joey_config(data_dir, work / "vocab.txt", spm_model, model_dir, args.validate_at, args.epochs)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        command, log_name, hyps_name = ["train", str(config_path)], "train.log", "best.hyps.test"
 
     started = time.monotonic()
     with open(work / "joey.out", "w", encoding="utf-8") as out:
         # Joey 2.3.0 predates torch 2.6, whose torch.load refuses its checkpoints by default
         env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-        done = subprocess.run([args.joey_python, "-m", "joeynmt", "train", str(config_path)],
+        done = subprocess.run([args.joey_python, "-m", "joeynmt", *command],
                               stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"bench_joey: Joey NMT exited with {done.returncode}; its output is in {work / 'joey.out'}.")
-    result = parse_log((work / "model" / "train.log").read_text(encoding="utf-8"))
-    hypotheses = (work / "model" / "best.hyps.test").read_text(encoding="utf-8").splitlines()
+    result = parse_training((model_dir / "train.log").read_text(encoding="utf-8"))
+    result.update(parse_decoding((model_dir / log_name).read_text(encoding="utf-8")))
+    hypotheses = (model_dir / hyps_name).read_text(encoding="utf-8").splitlines()
+    pieces = sum(len(processor.encode(h)) for h in hypotheses) / len(hypotheses)
     result.update({
         "beam5_sentences_per_s": len(hypotheses) / result["beam5_seconds"],
-        "mean_hypothesis_pieces": sum(len(processor.encode(h)) for h in hypotheses) / len(hypotheses),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "wall_seconds": wall, "vocab_pieces": vocab_size + 4, "joey_config": config,
+        "beam5_pieces_per_s": len(hypotheses) * pieces / result["beam5_seconds"],
+        "mean_hypothesis_pieces": pieces,
+        # of the training run, or with --decode-only of the decoding alone
+        ("decode_peak_rss_mb" if args.decode_only else "peak_rss_mb"):
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "decode_only": args.decode_only, "wall_seconds": wall, "vocab_pieces": processor.get_piece_size(),
+        "joey_config": config,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": sys.version.split()[0]},
     })
@@ -169,7 +203,10 @@ def main() -> int:
     parser.add_argument("--spm", help="a joint SentencePiece model, e.g. RUN/spm.joint.model")
     parser.add_argument("--work-dir", default="joey_bench", help="Joey's config, vocabulary and model dir go here")
     parser.add_argument("--validate-at", type=int, default=150,
-                        help="the one validation's step, which writes the checkpoint; a multiple of 25")
+                        help="validate every this many steps, which writes the checkpoint; a multiple of 25")
+    parser.add_argument("--epochs", type=int, default=1, help="Joey's training epochs")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="train nothing: decode test2016 again with the model in --work-dir")
     parser.add_argument("--nmt-json", default=None, help="scripts/benchmark.py's JSON from this machine")
     parser.add_argument("--out", default=None, help="write the JSON here")
     parser.add_argument("--report", default=None, help="run nothing: print the table of this script's earlier JSON")

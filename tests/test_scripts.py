@@ -146,16 +146,21 @@ num. of tokens: 454234, 557.1786[sec]
 
 
 def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_path):
-    """Joey NMT 2.3.0's own log lines (from a real run) give the epoch's tokens per second and the test
+    """Joey NMT 2.3.0's own log lines (from a real run) give the epochs' tokens per second and the test
     set's decoding time, not the dev set's; Joey's vocabulary file is the run's pieces without specials."""
     bench_joey = load_script("bench_joey")
-    result = bench_joey.parse_log(JOEY_LOG)
+    result = {**bench_joey.parse_training(JOEY_LOG), **bench_joey.parse_decoding(JOEY_LOG)}
     assert result["train_tgt_tokens"] == 454234 and result["train_seconds"] == pytest.approx(557.1786)
     assert result["train_tgt_tokens_per_s"] == pytest.approx(454234 / 557.1786)
-    assert result["window_tgt_tokens_per_s"] == [809, 894]
+    assert result["window_tgt_tokens_per_s"] == [809, 894] and result["train_epochs"] == 1
     assert (result["beam5_seconds"], result["beam5_bleu"]) == (40.6127, 1.83)  # the test set's, after the dev set's
     with pytest.raises(SystemExit, match="no epoch summary"):
-        bench_joey.parse_log(JOEY_LOG.replace("total training loss", "interrupted"))
+        bench_joey.parse_training(JOEY_LOG.replace("total training loss", "interrupted"))
+    second = ("2026-11-22 14:36:05,050 - INFO - joeynmt.training - Epoch   2, total training loss: 17000.00, "
+              "num. of seqs: 29000, num. of tokens: 454234, 542.8214[sec]\n")
+    two = bench_joey.parse_training(JOEY_LOG + second)  # each epoch's own figures, summed
+    assert (two["train_epochs"], two["train_sentences"], two["train_tgt_tokens"]) == (2, 58000, 908468)
+    assert two["train_seconds"] == pytest.approx(1100.0)
 
     processor = spm.SentencePieceProcessor(model_file=str(debug_run / "spm.joint.model"))
     count = bench_joey.write_vocab(processor, tmp_path / "vocab.txt")
@@ -164,13 +169,19 @@ def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_pat
     assert not {"<unk>", "<pad>", "<s>", "</s>"} & set(pieces)
     assert pieces == [processor.id_to_piece(i) for i in range(4, processor.get_piece_size())]
 
-    joey = {**result, "beam5_sentences_per_s": 24.6, "peak_rss_mb": 2423.0, "mean_hypothesis_pieces": 15.6}
+    joey = {**result, "beam5_sentences_per_s": 24.6, "beam5_pieces_per_s": 383.8, "peak_rss_mb": 2423.0,
+            "mean_hypothesis_pieces": 15.6}
     nmt = {"train_tgt_tokens_per_s": 2172.0, "beam5_sentences_per_s": 92.0, "peak_rss_mb": 2341.0,
-           "train_bf16": {"tgt_tokens_per_s": 3554.0}, "decode_beam5": {"bleu": 40.48, "mean_output_pieces": 14.7}}
+           "train_bf16": {"tgt_tokens_per_s": 3554.0},
+           "decode_beam5": {"bleu": 40.48, "mean_output_pieces": 14.7, "tokens_per_s": 1352.4}}
     table = bench_joey.table(joey, nmt)
     assert "| 815 | 2,172 | 2.66× |" in table and "| 815 | 3,554 | 4.36× |" in table
     assert "| 24.6 | 92.0 | 3.74× |" in table and "| 24.6 | – | – |" in table  # no bf16 decoding figure given
-    assert "| 1.83 (one epoch) | 40.48 |" in table
+    assert "| 384 | 1,352 | 3.52× |" in table  # per piece: the hypotheses' lengths differ
+    assert "| 1.83 (1 epoch) | 40.48 |" in table
+    decode_only = {key: value for key, value in joey.items() if key not in ("peak_rss_mb", "beam5_pieces_per_s")}
+    assert "RSS" not in bench_joey.table({**decode_only, "train_epochs": 5}, nmt)  # the decoding's RSS is not training's
+    assert "(5 epochs)" in bench_joey.table({**decode_only, "train_epochs": 5}, nmt)
 
 
 def test_benchmark_table_without_bf16_says_why_and_keeps_the_fp32_rows():
