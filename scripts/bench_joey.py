@@ -27,8 +27,9 @@ Beam search runs until the hypotheses end, so the decoding speed per sentence de
 the model is trained: one epoch leaves it writing long, repetitive hypotheses (BLEU near 1), which
 take more steps than a trained model's. The hypotheses' mean length is reported, and so are pieces/s.
 For a fair side by side, train Joey for several epochs once (--epochs 5: about half an hour on a
-2-core machine), then time its decoding again with --decode-only, which runs Joey's `test` command
-on the model already in --work-dir, alternating with benchmark.py's runs.
+2-core machine; --load-model goes on from a checkpoint of an earlier run, into another --work-dir),
+then time its decoding again with --decode-only, which runs Joey's `test` command on the model
+already in --work-dir, alternating with benchmark.py's runs.
 
 Writes JSON (--out) and prints a markdown table; with --nmt-json (benchmark.py's JSON from the same
 machine) the table also gives nmt's figures and the ratios. Run it on an otherwise idle machine.
@@ -58,7 +59,7 @@ BEAM_RESULT = re.compile(r"Evaluation result \(beam search\): bleu:\s+([\d.]+)")
 
 
 def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, validate_at: int,
-                epochs: int = 1) -> dict:
+                epochs: int = 1, load_model: Path | None = None) -> dict:
     side = {"level": "bpe", "tokenizer_type": "sentencepiece", "voc_file": str(vocab),
             "tokenizer_cfg": {"model_file": str(spm_model)}}
     rnn = {"type": "recurrent", "rnn_type": "gru", "hidden_size": 512, "num_layers": 1, "dropout": 0.2,
@@ -74,7 +75,8 @@ def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, v
                      "scheduling": "exponential", "decrease_factor": 1.0,
                      "batch_type": "token", "epochs": epochs, "validation_freq": validate_at, "logging_freq": 25,
                      "eval_metrics": ["bleu"], "early_stopping_metric": "ppl", "keep_best_ckpts": 1,
-                     "shuffle": True, "num_workers": 0, "print_valid_sents": [0]},
+                     "shuffle": True, "num_workers": 0, "print_valid_sents": [0],
+                     **({"load_model": str(load_model)} if load_model else {})},
         "testing": {"beam_size": 5, "beam_alpha": 1.0, "batch_size": 64, "batch_type": "sentence",
                     "eval_metrics": ["bleu"], "sacrebleu_cfg": {"tokenize": "13a"}},
         "model": {"initializer": "xavier_uniform", "tied_embeddings": False, "tied_softmax": False,
@@ -164,7 +166,12 @@ def run_joey(args: argparse.Namespace) -> dict:
     else:
         work.mkdir(parents=True, exist_ok=True)
         write_vocab(processor, work / "vocab.txt")
-        config = joey_config(data_dir, work / "vocab.txt", spm_model, model_dir, args.validate_at, args.epochs)
+        load_model = Path(args.load_model).resolve() if args.load_model else None
+        if load_model and model_dir in load_model.parents:
+            raise SystemExit(f"bench_joey: --load-model {load_model} lies in the model directory that Joey empties "
+                             f"before training; give another --work-dir.")
+        config = joey_config(data_dir, work / "vocab.txt", spm_model, model_dir, args.validate_at, args.epochs,
+                             load_model)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         command, log_name, hyps_name = ["train", str(config_path)], "train.log", "best.hyps.test"
 
@@ -204,7 +211,10 @@ def main() -> int:
     parser.add_argument("--work-dir", default="joey_bench", help="Joey's config, vocabulary and model dir go here")
     parser.add_argument("--validate-at", type=int, default=150,
                         help="validate every this many steps, which writes the checkpoint; a multiple of 25")
-    parser.add_argument("--epochs", type=int, default=1, help="Joey's training epochs")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="Joey's training epochs; with --load-model, the epoch to train up to (Joey counts on)")
+    parser.add_argument("--load-model", default=None,
+                        help="go on training from this Joey checkpoint (e.g. an earlier --work-dir's model/latest.ckpt)")
     parser.add_argument("--decode-only", action="store_true",
                         help="train nothing: decode test2016 again with the model in --work-dir")
     parser.add_argument("--nmt-json", default=None, help="scripts/benchmark.py's JSON from this machine")

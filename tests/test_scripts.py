@@ -183,6 +183,12 @@ def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_pat
     assert "RSS" not in bench_joey.table({**decode_only, "train_epochs": 5}, nmt)  # the decoding's RSS is not training's
     assert "(5 epochs)" in bench_joey.table({**decode_only, "train_epochs": 5}, nmt)
 
+    config = bench_joey.joey_config(tmp_path, tmp_path / "vocab.txt", tmp_path / "spm.model", tmp_path / "model", 250, 10)
+    assert config["training"]["epochs"] == 10 and "load_model" not in config["training"]
+    config = bench_joey.joey_config(tmp_path, tmp_path / "vocab.txt", tmp_path / "spm.model", tmp_path / "model", 250, 10,
+                                    tmp_path / "earlier" / "latest.ckpt")
+    assert config["training"]["load_model"] == str(tmp_path / "earlier" / "latest.ckpt")
+
 
 def test_benchmark_table_without_bf16_says_why_and_keeps_the_fp32_rows():
     benchmark = load_script("benchmark")
