@@ -23,13 +23,14 @@ decodes test2016 with beam 5 (alpha 1.0, 64 sentences a batch) as its `train` co
 are Joey's own: the target tokens and training seconds (validation excluded) summed over its epoch
 summaries, and "Generation took" for test2016.
 
-Beam search runs until the hypotheses end, so the decoding speed per sentence depends on how well
-the model is trained: one epoch leaves it writing long, repetitive hypotheses (BLEU near 1), which
-take more steps than a trained model's. The hypotheses' mean length is reported, and so are pieces/s.
-For a fair side by side, train Joey for several epochs once (--epochs 5: about half an hour on a
-2-core machine; --load-model goes on from a checkpoint of an earlier run, into another --work-dir),
-then time its decoding again with --decode-only, which runs Joey's `test` command on the model
-already in --work-dir, alternating with benchmark.py's runs.
+Beam search runs until the hypotheses end, so its speed depends on the model decoded: on the 2-core
+AMX host of the README, Joey decoded test2016 with its one-epoch model (BLEU 1.5, long repetitive
+hypotheses) at 44-55 sentences/s, with a 5-epoch model at 58-63 and with an 11-epoch one (BLEU 35.6)
+at 40-46. The hypotheses' mean length is reported, and pieces/s. For a side by side that means
+something, train Joey once for long enough (--epochs; --load-model goes on from a checkpoint of an
+earlier run, into another --work-dir; five epochs took about half an hour there), then time its
+decoding again with --decode-only, which runs Joey's `test` command on the model already in
+--work-dir, alternating with benchmark.py's runs.
 
 Writes JSON (--out) and prints a markdown table; with --nmt-json (benchmark.py's JSON from the same
 machine) the table also gives nmt's figures and the ratios. Run it on an otherwise idle machine.
