@@ -161,8 +161,8 @@ def run_joey(args: argparse.Namespace) -> dict:
             raise SystemExit(f"bench_joey: --decode-only needs a model that this script trained in {work}; "
                              f"run it once without --decode-only (and with --epochs) first.")
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        command, log_name, hyps_name = ["test", str(config_path), "-o", str(model_dir / "decode.hyps")], "test.log", \
-            "decode.hyps.test"
+        command = ["test", str(config_path), "-o", str(model_dir / "decode.hyps")]
+        log_name, hyps_name = "test.log", "decode.hyps.test"
         (model_dir / log_name).unlink(missing_ok=True)  # Joey appends to its log
     else:
         work.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,8 @@ def run_joey(args: argparse.Namespace) -> dict:
         config = joey_config(data_dir, work / "vocab.txt", spm_model, model_dir, args.validate_at, args.epochs,
                              load_model)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        command, log_name, hyps_name = ["train", str(config_path)], "train.log", "best.hyps.test"
+        command = ["train", str(config_path)]
+        log_name, hyps_name = "train.log", "best.hyps.test"
 
     started = time.monotonic()
     with open(work / "joey.out", "w", encoding="utf-8") as out:
