@@ -141,7 +141,8 @@ def table(joey: dict, nmt: dict | None) -> str:
     beam = nmt.get("decode_beam5", {})
     nmt_bleu, nmt_length = (f"{beam['bleu']:.2f}", f"{beam['mean_output_pieces']:.1f}") if beam else ("–", "–")
     epochs = joey.get("train_epochs", 1)
-    joey_bleu = f"{joey['beam5_bleu']:.2f} ({epochs} epoch{'s' if epochs > 1 else ''})"
+    resumed = " after --load-model" if joey.get("joey_config", {}).get("training", {}).get("load_model") else ""
+    joey_bleu = f"{joey['beam5_bleu']:.2f} ({epochs} epoch{'s' if epochs > 1 else ''}{resumed})"
     lines.append(f"| test2016 BLEU of the decoded model (beam 5) | {joey_bleu} | {nmt_bleu} | |")
     lines.append(f"| mean hypothesis length, pieces | {joey['mean_hypothesis_pieces']:.1f} | {nmt_length} | |")
     return "\n".join(lines)

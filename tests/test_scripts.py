@@ -182,6 +182,8 @@ def test_bench_joey_reads_joeys_log_and_writes_its_vocabulary(debug_run, tmp_pat
     decode_only = {key: value for key, value in joey.items() if key not in ("peak_rss_mb", "beam5_pieces_per_s")}
     assert "RSS" not in bench_joey.table({**decode_only, "train_epochs": 5}, nmt)  # the decoding's RSS is not training's
     assert "(5 epochs)" in bench_joey.table({**decode_only, "train_epochs": 5}, nmt)
+    resumed = {**decode_only, "train_epochs": 6, "joey_config": {"training": {"load_model": "joey5/model/latest.ckpt"}}}
+    assert "(6 epochs after --load-model)" in bench_joey.table(resumed, nmt)  # not the model's whole training
 
     config = bench_joey.joey_config(tmp_path, tmp_path / "vocab.txt", tmp_path / "spm.model", tmp_path / "model", 250, 10)
     assert config["training"]["epochs"] == 10 and "load_model" not in config["training"]
