@@ -53,7 +53,8 @@ class AttentionGRUUnroll(torch.autograd.Function):
         flat_hs[(T + 1) * B:], flat_contexts[T * B:] = 0, 0
         hs, contexts = flat_hs[:(T + 1) * B].view(T + 1, B, H), flat_contexts[:T * B].view(T, B, -1)
         hs[0] = h0
-        resets, updates, candidates, hidden_n = new(T, B, H), new(T, B, H), new(T, B, H), new(T, B, H)
+        resets, updates, candidates = new(T, B, H), new(T, B, H), new(T, B, H)
+        hidden_gates_all = new(T, B, 3 * H)  # W_hh s + b_hh of every step: backward reads its n part
         weights = new(T, B, S)
         # tanh(y) = 2 sigmoid(2y) - 1, and torch's CPU sigmoid takes about a third of its tanh's time; the
         # softmax does not see the constant, so the scores are 2 v . sigmoid(2 (q + k)) and only sigmoids are kept
@@ -67,35 +68,33 @@ class AttentionGRUUnroll(torch.autograd.Function):
                 projected = torch.mm(h, w_hq_t)  # (B, 3H + A)
             else:
                 projected = torch.mm(extended_rows(flat_hs, t * B, B, quantum), w_hq_t)[:B]
-            hidden_gates = projected[:, :3 * H] + b_hh  # (B, 3H)
+            hidden_gates = torch.add(projected[:, :3 * H], b_hh, out=hidden_gates_all[t])  # (B, 3H)
             query = projected[:, 3 * H:]  # (B, A)
             activation = torch.sigmoid_(torch.add(doubled_keys, query.unsqueeze(1), alpha=2, out=activations[t]))
             scores = 2 * torch.matmul(activation, v)  # (B, S)
             scores.masked_fill_(pad, float("-inf"))
             attention = torch.softmax(scores, dim=-1)  # (B, S); padded positions get exactly 0
             weights[t] = attention
-            context = torch.bmm(attention.unsqueeze(1), states).squeeze(1)  # (B, 2H)
-            contexts[t] = context
+            context = torch.bmm(attention.unsqueeze(1), states, out=contexts[t].unsqueeze(1)).squeeze(1)  # (B, 2H)
             if quantum == 1:
                 input_gates = torch.addmm(emb_gates[t], context, w_ctx_t)  # (B, 3H)
             else:
                 input_gates = torch.mm(extended_rows(flat_contexts, t * B, B, quantum), w_ctx_t)[:B].add_(emb_gates[t])
             i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
             h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
-            reset = torch.sigmoid(i_r + h_r)
-            update = torch.sigmoid(i_z + h_z)
-            candidate = tanh(torch.addcmul(i_n, reset, h_n))
+            reset = torch.sigmoid(i_r + h_r, out=resets[t])
+            update = torch.sigmoid(i_z + h_z, out=updates[t])
+            candidate = tanh(torch.addcmul(i_n, reset, h_n), out=candidates[t])
             torch.addcmul(candidate, update, h - candidate, out=hs[t + 1])  # (1 - z) * n + z * h
-            resets[t], updates[t], candidates[t], hidden_n[t] = reset, update, candidate, h_n
-        ctx.save_for_backward(flat_hs, resets, updates, candidates, hidden_n, flat_contexts, weights, activations,
+        ctx.save_for_backward(flat_hs, resets, updates, candidates, hidden_gates_all, flat_contexts, weights, activations,
                               states, keys, w_hq, w_ctx, v)
         ctx.mark_non_differentiable(weights)
         return hs[1:].transpose(0, 1), contexts.transpose(0, 1), weights.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad_tops, grad_contexts, _grad_weights):
-        flat_hs, resets, updates, candidates, hidden_n, flat_contexts, weights, activations, states, keys, w_hq, w_ctx, v = \
-            ctx.saved_tensors
+        flat_hs, resets, updates, candidates, hidden_gates_all, flat_contexts, weights, activations, states, keys, w_hq, \
+            w_ctx, v = ctx.saved_tensors
         T, B, H = resets.shape
         padded = flat_contexts.size(0)  # T * B, or more under bf16 on a CPU (see forward)
         hs, contexts = flat_hs[:(T + 1) * B].view(T + 1, B, H), flat_contexts[:T * B].view(T, B, -1)
@@ -119,20 +118,18 @@ class AttentionGRUUnroll(torch.autograd.Function):
         for t in range(T - 1, -1, -1):
             h, reset, update, candidate = hs[t], resets[t], updates[t], candidates[t]
             grad_h = grad_h + grad_tops[t]
-            grad_candidate_pre = grad_h * (1 - update) * (1 - candidate * candidate)  # through tanh
-            grad_update_pre = grad_h * (h - candidate) * update * (1 - update)  # through sigmoid
-            grad_reset_pre = grad_candidate_pre * hidden_n[t] * reset * (1 - reset)
-            gates = input_grads[t]
-            gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:] = grad_reset_pre, grad_update_pre, grad_candidate_pre
+            gates = input_grads[t]  # the pre-activation gradients (r, z, n), each written into its place
+            grad_candidate_pre = torch.mul(grad_h * (1 - update), 1 - candidate * candidate, out=gates[:, 2 * H:])
+            torch.mul(grad_h * (h - candidate) * update, 1 - update, out=gates[:, H:2 * H])  # through sigmoid
+            torch.mul(grad_candidate_pre * hidden_gates_all[t, :, 2 * H:] * reset, 1 - reset, out=gates[:, :H])
             hq = hq_grads[t]
             hq[:, :2 * H] = gates[:, :2 * H]
             torch.mul(grad_candidate_pre, reset, out=hq[:, 2 * H:3 * H])
             if quantum == 1:
-                grad_context = torch.addmm(grad_contexts[t], gates, w_ctx)  # (B, 2H)
+                grad_context = torch.addmm(grad_contexts[t], gates, w_ctx, out=context_grads[t])  # (B, 2H)
             else:
                 grad_context = torch.mm(extended_rows(flat_input_grads, t * B, B, quantum), w_ctx)[:B]
-                grad_context += grad_contexts[t]
-            context_grads[t] = grad_context
+                grad_context = torch.add(grad_context, grad_contexts[t], out=context_grads[t])
             # attention: c = a @ states, a = softmax(e), e = tanh(q + k) . v
             attention = weights[t]
             grad_attention = torch.bmm(grad_context.unsqueeze(1), states_t).squeeze(1)  # (B, S)
