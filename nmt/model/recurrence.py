@@ -4,8 +4,9 @@ Autograd through a Python loop of small ops spends much of a training step on bo
 no arithmetic: every step's use of a weight matrix produces a weight gradient that is added into the
 running total (an extra pass over the whole matrix per step), and slicing a weight inside the loop
 materialises a zero-filled gradient of the full weight per step. Here the forward loop saves only
-what backward needs (small (T, B, H) buffers), the backward loop computes the per-step input and
-state gradients by hand, and each weight gradient is then ONE large matmul over all T * B rows.
+what backward needs (small (T, B, H) and (T, B, 3H) buffers, written in place), the backward loop
+computes the per-step input and state gradients by hand, and each weight gradient is then ONE large
+matmul over all T * B rows.
 
 The arithmetic is exactly that of `Decoder._advance` with one layer (tests check values and
 gradients against it), in torch's GRU gate order (r, z, n):
@@ -119,7 +120,7 @@ class AttentionGRUUnroll(torch.autograd.Function):
             h, reset, update, candidate = hs[t], resets[t], updates[t], candidates[t]
             grad_h = grad_h + grad_tops[t]
             gates = input_grads[t]  # the pre-activation gradients (r, z, n), each written into its place
-            grad_candidate_pre = torch.mul(grad_h * (1 - update), 1 - candidate * candidate, out=gates[:, 2 * H:])
+            grad_candidate_pre = torch.mul(grad_h * (1 - update), 1 - candidate * candidate, out=gates[:, 2 * H:])  # tanh
             torch.mul(grad_h * (h - candidate) * update, 1 - update, out=gates[:, H:2 * H])  # through sigmoid
             torch.mul(grad_candidate_pre * hidden_gates_all[t, :, 2 * H:] * reset, 1 - reset, out=gates[:, :H])
             hq = hq_grads[t]
