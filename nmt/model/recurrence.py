@@ -119,13 +119,14 @@ class AttentionGRUUnroll(torch.autograd.Function):
         for t in range(T - 1, -1, -1):
             h, reset, update, candidate = hs[t], resets[t], updates[t], candidates[t]
             grad_h = grad_h + grad_tops[t]
-            gates = input_grads[t]  # the pre-activation gradients (r, z, n), each written into its place
-            grad_candidate_pre = torch.mul(grad_h * (1 - update), 1 - candidate * candidate, out=gates[:, 2 * H:])  # tanh
-            torch.mul(grad_h * (h - candidate) * update, 1 - update, out=gates[:, H:2 * H])  # through sigmoid
-            torch.mul(grad_candidate_pre * hidden_gates_all[t, :, 2 * H:] * reset, 1 - reset, out=gates[:, :H])
+            gates = input_grads[t]  # the pre-activation gradients, each written into its place (as the encoder's)
+            grad_reset, grad_update, grad_candidate = gates.chunk(3, dim=-1)
+            torch.mul(grad_h * (1 - update), 1 - candidate * candidate, out=grad_candidate)  # through tanh
+            torch.mul(grad_h * (h - candidate) * update, 1 - update, out=grad_update)  # through sigmoid
+            torch.mul(grad_candidate * hidden_gates_all[t, :, 2 * H:] * reset, 1 - reset, out=grad_reset)
             hq = hq_grads[t]
             hq[:, :2 * H] = gates[:, :2 * H]
-            torch.mul(grad_candidate_pre, reset, out=hq[:, 2 * H:3 * H])
+            torch.mul(grad_candidate, reset, out=hq[:, 2 * H:3 * H])
             if quantum == 1:
                 grad_context = torch.addmm(grad_contexts[t], gates, w_ctx, out=context_grads[t])  # (B, 2H)
             else:
