@@ -5,7 +5,7 @@ that backward needs, which live from the forward pass to the backward pass, and 
 is about 100 MB for a batch of 3,000 target tokens and a vocabulary of 8,000 in fp32. Here the logits
 are made one block of rows at a time and turned into gradients at once, so no (N, V) tensor outlives
 its block. On the reference model (2 CPU threads) that lowers the peak RSS of training by about 120 MB;
-the speed is the same within the noise of the measurement (README, "Speed").
+the speed is the same within the noise of the measurement (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def keep_freed_memory() -> bool:
     every page faults and is zeroed on first touch, at every training step. Kept in the heap, the
     next step reuses pages that are already mapped. On our 2-vCPU AVX2 machine the reference model's
     minor page faults per training step fell from 90,000-150,000 to about 10,000 (none once the heap
-    had reached its size), and a step took about 4% less time (README, "Speed"). Resident memory
+    had reached its size), and a step took about 4% less time (docs/speed.md). Resident memory
     stays near its peak between steps, a peak that every step reaches anyway. Process-wide; a no-op
     (False) where the C library is not glibc.
     """

@@ -24,7 +24,7 @@ are Joey's own: the target tokens and training seconds (validation excluded) sum
 summaries, and "Generation took" for test2016.
 
 Beam search runs until the hypotheses end, so its speed depends on the model decoded: on the 2-core
-AMX host of the README, Joey decoded test2016 with its one-epoch model (BLEU 1.5, long repetitive
+AMX host of docs/speed.md, Joey decoded test2016 with its one-epoch model (BLEU 1.5, long repetitive
 hypotheses) at 44-55 sentences/s, with a 5-epoch model at 58-63 and with an 11-epoch one (BLEU 35.6)
 at 40-46. The hypotheses' mean length is reported, and pieces/s. For a side by side that means
 something, train Joey once for long enough (--epochs; --load-model goes on from a checkpoint of an

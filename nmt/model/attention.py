@@ -44,7 +44,7 @@ class BahdanauAttention(nn.Module):
         reading each sentence's keys once.
 
         The same function through the sigmoid, which took a third of tanh's time on our AVX2 CPU (where
-        tanh over (B, K, S, A) was a sixth of a search step; README, "Speed"): v . tanh(y) = 2 v . sigmoid(2y)
+        tanh over (B, K, S, A) was a sixth of a search step; docs/speed.md): v . tanh(y) = 2 v . sigmoid(2y)
         - sum(v), and the softmax does not see the constant - sum(v). The one-layer training recurrence
         (nmt/model/recurrence.py) computes its scores the same way.
         """

@@ -18,7 +18,7 @@ class Encoder(nn.Module):
     Both paths compute the same function with the same parameters (nn.GRU's). On a GPU nn.GRU runs
     cuDNN over the packed batch. On a CPU `_fused` runs each layer as one Function
     (nmt/model/birecurrence.py) on the same packing: for the reference model its forward and backward
-    took a fifth to a quarter less time than torch's CPU GRU (README, "Speed").
+    took a fifth to a quarter less time than torch's CPU GRU (docs/speed.md).
     """
 
     def __init__(self, embedding_dim: int, hidden_size: int, num_layers: int, rnn_dropout: float, dropout: float):
