@@ -182,7 +182,7 @@ def _groups(name: str) -> str:
 # torch's cache of oneDNN matrix-product objects (ideep's) and oneDNN's own cache of compiled kernels
 KERNEL_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 # oneDNN kernels that nmt-train keeps: its bf16 products come in few shapes (nmt.precision.row_quantum), and
-# each kept kernel spares the 1-20 ms of making it again (README, "Memory in bf16 on a CPU")
+# each kept kernel spares the 1-20 ms of making it again (docs/speed.md)
 TRAIN_KERNELS = 256
 
 
