@@ -443,7 +443,7 @@ class DecodeConfig:
     max_len_ratio: float = 1.5  # outputs stop at ratio * source length + 5 pieces
     n_best: int = 1
     batch_size: int = 64  # sentences per decoding batch
-    # bf16: the search's matrix products in bfloat16 (autocast); 1.6x to 1.9x faster beam search on a
+    # bf16: the search's matrix products in bfloat16 (autocast); 1.3x to 1.8x faster beam search on a
     # CPU with bf16 matrix units, at the same test2016 BLEU for our Multi30k run (docs/speed.md)
     precision: str = "fp32"  # fp32 | bf16
 
