@@ -333,7 +333,7 @@ class TrainerConfig:
     max_steps: int = 0  # 0 = no limit
     max_time: Optional[str] = None  # seconds, or 90s / 45m / 1.5h / H:MM:SS
     validate_every: int = 0  # steps; 0 = once per epoch
-    log_every: int = 50  # steps between training lines in metrics.jsonl
+    log_every: int = 50  # steps between training lines in metrics.jsonl, and between checks of the speed (CPU)
     early_stopping_metric: str = "bleu"  # bleu | loss | ppl
     patience: int = 5  # validations without improvement before stopping; 0 = never stop early
     min_delta: float = 0.0

@@ -297,6 +297,34 @@ def restore(checkpoint: dict, model, optimizer, scheduler, dist: Distributed = S
 
 # --- the loop -----------------------------------------------------------------------------------------
 
+class SlowdownWatch:
+    """Notices a training that has become several times slower than it was earlier in the run.
+
+    On a CPU shared with another process that also uses every core, torch's OpenMP threads spin while
+    they wait for one another, and the two processes slow each other ten to a hundred times (README,
+    "Troubleshooting"). The trainer gives `add` the target tokens and the seconds spent in training
+    steps (validation excluded) of every `trainer.log_every` steps. Once an interval runs at under
+    1/`factor` of the fastest interval before it, `add` returns the warning, once per run.
+    """
+
+    def __init__(self, factor: float = 4.0):
+        self.factor, self.fastest, self.warned = factor, 0.0, False
+
+    def add(self, tokens: int, seconds: float) -> str | None:
+        if tokens <= 0 or seconds <= 0:  # nothing measured
+            return None
+        speed = tokens / seconds
+        if not self.warned and speed * self.factor < self.fastest:
+            self.warned = True
+            return (f"training has slowed to {speed:,.0f} target tokens/s, under 1/{self.factor:g} of the "
+                    f"{self.fastest:,.0f} it reached earlier in this run. Another process is probably using the same "
+                    "CPU cores: two processes that each use every core slow each other ten to a hundred times. Run "
+                    "one at a time, or give each fewer threads (trainer.num_threads=1, or OMP_NUM_THREADS=1 in the "
+                    "environment of another command); see the README, Troubleshooting")
+        self.fastest = max(self.fastest, speed)
+        return None
+
+
 class Trainer:
     """Holds what the loop needs; `run` reads top to bottom."""
 
@@ -337,6 +365,8 @@ class Trainer:
         self.interrupted = 0  # the signal that asked us (or, under torchrun, any rank) to stop, if any
         self.signalled = False  # whether this process itself received SIGINT or SIGTERM
         self.first_batch_seen = False
+        self.slowdown = SlowdownWatch() if self.device.type == "cpu" else None
+        self.step_tokens, self.step_seconds = 0, 0.0  # the training steps' own, since the last log line
         self.resumable_epochs: list[int] = []  # the epochs of last.pt and of the one it replaced
         params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
@@ -478,10 +508,13 @@ class Trainer:
         self.train_model.train()
         end_of_epoch, step_in_epoch = False, 0
         while not end_of_epoch and not state.stop_reason:
+            step_start = time.monotonic()
             batch = collate(corpus, batches[mine[step_in_epoch]])
             step_in_epoch += 1
             self.log_first_batch()
             result = train_step(self.train_model, batch, self.optimizer, self.cfg, self.device, dist, self.precision)
+            self.step_tokens += result.tokens
+            self.step_seconds += time.monotonic() - step_start
             self.count_nonfinite(result)
             state.step += 1
             position = state.batch_in_epoch
@@ -498,6 +531,7 @@ class Trainer:
                                   "loss": loss_sum / loss_count, "lr": self.lr, "tgt_tokens_per_s": speed,
                                   "elapsed": state.elapsed})
                 loss_sum, loss_count = 0.0, 0
+                self.watch_speed()
             state.stop_reason = self.limit_reached(max_seconds)
             end_of_epoch = state.batch_in_epoch == len(batches)
             if end_of_epoch:
@@ -510,6 +544,12 @@ class Trainer:
             if due or state.stop_reason or state.epoch >= cfg.max_epochs:
                 self.validate_and_checkpoint()
         bar.close()
+
+    def watch_speed(self) -> None:
+        warning = self.slowdown and self.slowdown.add(self.step_tokens, self.step_seconds)
+        if warning:
+            log.warning(warning)
+        self.step_tokens, self.step_seconds = 0, 0.0
 
     def log_first_batch(self) -> None:
         if not self.first_batch_seen:

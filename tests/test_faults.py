@@ -1,5 +1,6 @@
-"""Faults during training: NaN/Inf losses, a full disk during a checkpoint write. Each leaves the last good
-checkpoint in place and ends with a message that says what to do."""
+"""Faults during training: NaN/Inf losses, a full disk during a checkpoint write, a CPU taken by another
+process. Each leaves the last good checkpoint in place and ends with (or logs) a message that says what
+to do."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from nmt.cli import compose_config
 from nmt.config import TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.model.seq2seq import build_model
-from nmt.train import build_optimizer, train_step
+from nmt.train import SlowdownWatch, build_optimizer, train_step
 
 # Runs nmt-train in a subprocess with one function replaced from step `after` on (the patch is the fault).
 PATCHED_TRAIN = """
@@ -50,6 +51,19 @@ def save_until_full(state, handle):
         raise OSError(errno.ENOSPC, "No space left on device")
     save(state, handle)
 nmt.checkpoint.torch.save = save_until_full
+"""
+
+# Every training step from step AFTER on takes 0.3 s longer, as when another process takes the cores.
+SLOW_STEPS = """
+import time
+step = nmt.train.train_step
+calls = [0]
+def slow_step(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] > AFTER:
+        time.sleep(0.3)
+    return step(*args, **kwargs)
+nmt.train.train_step = slow_step
 """
 
 
@@ -149,3 +163,32 @@ def test_resume_from_a_truncated_last_checkpoint_falls_back_and_says_so(shared_d
     assert "truncated or corrupted" in resumed.stderr and "Falling back to the previous checkpoint" in resumed.stderr
     assert "at step 4" in resumed.stderr
     assert load_checkpoint(last)["train_state"]["step"] > 8  # it went on to the end of the epoch
+
+
+# --- a CPU taken by another process --------------------------------------------------------------------------
+
+def test_slowdown_watch_warns_once_when_an_interval_runs_at_under_a_quarter_of_the_fastest():
+    watch = SlowdownWatch()
+    assert watch.add(2_000, 1.0) is None  # a slow first interval (warm-up) sets the bar low
+    assert watch.add(10_000, 1.0) is None
+    assert watch.add(7_000, 1.0) is None  # the ordinary swing of batch lengths and a busy minute
+    assert watch.add(2_600, 1.0) is None  # just over a quarter of 10,000
+    warning = watch.add(2_000, 1.0)
+    assert warning is not None
+    assert "2,000 target tokens/s" in warning and "10,000" in warning and "trainer.num_threads=1" in warning
+    assert watch.add(500, 1.0) is None  # once per run
+
+
+def test_slowdown_watch_counts_speed_not_tokens():
+    watch = SlowdownWatch()
+    assert watch.add(10_000, 1.0) is None
+    assert watch.add(1_000, 0.1) is None  # a short interval at the same speed
+    assert watch.add(0, 0.0) is None  # nothing measured: no division by zero, no warning
+
+
+def test_a_training_that_slows_down_says_why(shared_data_dir, tmp_path):
+    out = run_patched(SLOW_STEPS, 8, shared_data_dir, tmp_path / "run", "trainer.max_epochs=2", "trainer.log_every=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("training has slowed to") == 1, out.stderr[-3000:]
+    assert "Another process is probably using the same CPU cores" in out.stderr
+    assert "trainer.num_threads=1" in out.stderr
