@@ -1,10 +1,14 @@
-"""Where and how reproducibly to run: device choice, seeding, and how freed memory is kept."""
+"""Where and how reproducibly to run: device choice, seeding, how freed memory is kept, and whether other
+processes are using the CPUs."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import random
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,3 +55,41 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class OtherCpuUse:
+    """How busy other processes kept the CPUs that this process may run on, from creation to `measure`.
+
+    Linux's /proc/stat counts each CPU's busy time (user, nice, system, irq, softirq; not idle, iowait or
+    the hypervisor's steal) for every process together; this process's own CPU time, its threads' and
+    that of the children it has waited for, is subtracted. Elsewhere `measure` returns None.
+    """
+
+    def __init__(self):
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(monotonic seconds, busy CPU seconds of our CPUs, this process's CPU seconds), or None."""
+        if not self.cpus:
+            return None
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+        except OSError:
+            return None
+        ours, busy = {f"cpu{i}" for i in self.cpus}, 0
+        for line in lines:
+            fields = line.split()
+            if fields and fields[0] in ours and len(fields) >= 8:
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+                busy += user + nice + system + irq + softirq
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
+
+    def measure(self) -> tuple[float, float] | None:
+        """(the CPUs' worth that other processes kept busy on average, the seconds measured) since creation."""
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        seconds = end[0] - self.start[0]
+        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, others) / seconds, seconds

@@ -42,7 +42,7 @@ from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
 from nmt.run import RunFiles, absolute_data_paths, check_resumable, make_directory, write_config
-from nmt.runtime import keep_freed_memory, pick_device, seed_everything
+from nmt.runtime import OtherCpuUse, keep_freed_memory, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -325,12 +325,33 @@ class SlowdownWatch:
         return None
 
 
+def busy_cpu_warning(measured: tuple[float, float] | None, threads: int, cores: int) -> str | None:
+    """The warning for a run that starts on CPUs other processes are using, or None.
+
+    `measured` is `OtherCpuUse.measure()` over the trainer's start: the cores' worth that other processes kept
+    busy, and the seconds measured. It warns when at least 3/4 of a core was busy over a second or more and
+    the run's threads and that work together need more than the cores (with half a core to spare): the case
+    of a second training beside a first, which `SlowdownWatch` cannot see in the process started second.
+    """
+    if measured is None:
+        return None
+    others, seconds = measured
+    if seconds < 1.0 or others < 0.75 or threads + others <= cores + 0.5:
+        return None
+    return (f"other processes kept about {others:.1f} of the {cores} CPU cores that this run may use busy while it "
+            f"started, and it trains with {threads} threads. If one of them is another training, or any program "
+            "using torch on every core, both will run many times slower than alone: torch's OpenMP threads spin "
+            "while they wait for one another. Run one at a time, or give each fewer threads (trainer.num_threads=1, "
+            "or OMP_NUM_THREADS=1 in the environment of the other command); see the README, Troubleshooting")
+
+
 class Trainer:
     """Holds what the loop needs; `run` reads top to bottom."""
 
     def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles, dist: Distributed | None = None,
                  resuming: bool = False):
         self.created = time.monotonic()
+        self.cpu_use = OtherCpuUse()  # other processes' use of our CPUs from here to the first batch
         self.cfg, self.cfg_dict, self.files = cfg, cfg_dict, files
         self.dist = dist or Distributed(device=pick_device(cfg.trainer.device))
         self.device = self.dist.device
@@ -556,6 +577,10 @@ class Trainer:
             self.first_batch_seen = True
             log.info("first batch ready %.2f s after the trainer started (data preparation included)",
                      time.monotonic() - self.created)
+            if self.device.type == "cpu" and not self.dist.enabled:  # torchrun's ranks share the cores by design
+                warning = busy_cpu_warning(self.cpu_use.measure(), torch.get_num_threads(), len(self.cpu_use.cpus))
+                if warning:
+                    log.warning(warning)
 
     def count_nonfinite(self, result: StepResult) -> None:
         state, limit = self.state, self.cfg.trainer.max_nonfinite_steps

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from nmt.cli import compose_config
 from nmt.config import TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.model.seq2seq import build_model
-from nmt.train import SlowdownWatch, build_optimizer, train_step
+from nmt.runtime import OtherCpuUse
+from nmt.train import SlowdownWatch, build_optimizer, busy_cpu_warning, train_step
 
 # Runs nmt-train in a subprocess with one function replaced from step `after` on (the patch is the fault).
 PATCHED_TRAIN = """
@@ -64,6 +66,12 @@ def slow_step(*args, **kwargs):
         time.sleep(0.3)
     return step(*args, **kwargs)
 nmt.train.train_step = slow_step
+"""
+
+# Other processes kept every core busy while the trainer started (AFTER is unused).
+BUSY_CORES = """
+import nmt.runtime
+nmt.runtime.OtherCpuUse.measure = lambda self: (float(len(self.cpus)), 2.0)
 """
 
 
@@ -192,3 +200,39 @@ def test_a_training_that_slows_down_says_why(shared_data_dir, tmp_path):
     assert out.stderr.count("training has slowed to") == 1, out.stderr[-3000:]
     assert "Another process is probably using the same CPU cores" in out.stderr
     assert "trainer.num_threads=1" in out.stderr
+
+
+def test_busy_cpu_warning_needs_a_busy_core_and_more_threads_than_cores_left():
+    warning = busy_cpu_warning((1.2, 3.0), threads=2, cores=2)
+    assert warning is not None
+    assert "about 1.2 of the 2 CPU cores" in warning and "2 threads" in warning and "trainer.num_threads=1" in warning
+    assert busy_cpu_warning((0.5, 3.0), threads=2, cores=2) is None  # a browser, a daemon: not another training
+    assert busy_cpu_warning((1.0, 3.0), threads=1, cores=2) is None  # one thread each: the cores suffice
+    assert busy_cpu_warning((1.2, 0.5), threads=2, cores=2) is None  # too short a start to judge
+    assert busy_cpu_warning((6.0, 3.0), threads=8, cores=64) is None  # a big machine with cores to spare
+    assert busy_cpu_warning(None, threads=2, cores=2) is None  # no /proc/stat
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_other_cpu_use_counts_other_processes_and_not_our_own():
+    burn = "import time\nend = time.monotonic() + {}\nwhile time.monotonic() < end: pass"
+    burner = subprocess.Popen([sys.executable, "-c", burn.format(3.0)])
+    try:
+        time.sleep(0.5)  # past the burner's start-up
+        probe = OtherCpuUse()
+        time.sleep(1.5)
+        others, seconds = probe.measure()
+    finally:
+        burner.wait()
+    assert seconds >= 1.5 and others >= 0.6  # one core burnt by another process
+    probe = OtherCpuUse()
+    exec(burn.format(1.5))  # the same burn in this process
+    own, _ = probe.measure()
+    assert own <= others - 0.5
+
+
+def test_a_training_that_starts_on_busy_cores_says_why(shared_data_dir, tmp_path):
+    out = run_patched(BUSY_CORES, 0, shared_data_dir, tmp_path / "run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("other processes kept about") == 1, out.stderr[-3000:]
+    assert "trainer.num_threads=1" in out.stderr and "Troubleshooting" in out.stderr
