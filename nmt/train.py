@@ -297,6 +297,11 @@ def restore(checkpoint: dict, model, optimizer, scheduler, dist: Distributed = S
 
 # --- the loop -----------------------------------------------------------------------------------------
 
+# what both warnings about a CPU shared with another process advise
+SHARED_CPU_ADVICE = ("Run one at a time, or give each fewer threads (trainer.num_threads=1, or OMP_NUM_THREADS=1 in the "
+                     "environment of another command); see the README, Troubleshooting")
+
+
 class SlowdownWatch:
     """Notices a training that has become several times slower than it was earlier in the run.
 
@@ -318,9 +323,8 @@ class SlowdownWatch:
             self.warned = True
             return (f"training has slowed to {speed:,.0f} target tokens/s, under 1/{self.factor:g} of the "
                     f"{self.fastest:,.0f} it reached earlier in this run. Another process is probably using the same "
-                    "CPU cores: two processes that each use every core slow each other ten to a hundred times. Run "
-                    "one at a time, or give each fewer threads (trainer.num_threads=1, or OMP_NUM_THREADS=1 in the "
-                    "environment of another command); see the README, Troubleshooting")
+                    f"CPU cores: two processes that each use every core slow each other ten to a hundred times. "
+                    f"{SHARED_CPU_ADVICE}")
         self.fastest = max(self.fastest, speed)
         return None
 
@@ -341,8 +345,7 @@ def busy_cpu_warning(measured: tuple[float, float] | None, threads: int, cores: 
     return (f"other processes kept about {others:.1f} of the {cores} CPU cores that this run may use busy while it "
             f"started, and it trains with {threads} threads. If one of them is another training, or any program "
             "using torch on every core, both will run many times slower than alone: torch's OpenMP threads spin "
-            "while they wait for one another. Run one at a time, or give each fewer threads (trainer.num_threads=1, "
-            "or OMP_NUM_THREADS=1 in the environment of the other command); see the README, Troubleshooting")
+            f"while they wait for one another. {SHARED_CPU_ADVICE}")
 
 
 class Trainer:
