@@ -42,7 +42,7 @@ from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
 from nmt.run import RunFiles, absolute_data_paths, check_resumable, make_directory, write_config
-from nmt.runtime import OtherCpuUse, keep_freed_memory, pick_device, seed_everything
+from nmt.runtime import CpuLoad, OtherCpuUse, keep_freed_memory, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -329,23 +329,24 @@ class SlowdownWatch:
         return None
 
 
-def busy_cpu_warning(measured: tuple[float, float] | None, threads: int, cores: int) -> str | None:
+def busy_cpu_warning(load: CpuLoad | None, threads: int) -> str | None:
     """The warning for a run that starts on CPUs other processes are using, or None.
 
-    `measured` is `OtherCpuUse.measure()` over the trainer's start: the cores' worth that other processes kept
-    busy, and the seconds measured. It warns when at least 3/4 of a core was busy over a second or more and
-    the run's threads and that work together need more than the cores (with half a core to spare): the case
-    of a second training beside a first, which `SlowdownWatch` cannot see in the process started second.
+    `load` is `OtherCpuUse.measure()` over the trainer's start. It warns when other processes kept at least
+    3/4 of a core busy on average over half a second or more, and the run's threads and that work together
+    exceed the cores by more than half a core: the case of a second training beside a first, which
+    `SlowdownWatch` cannot see in the process started second. One thread on one core has no team of
+    threads to spin.
     """
-    if measured is None:
+    if load is None or load.seconds < 0.5 or load.others < 0.75 or threads + load.others <= load.cores + 0.5:
         return None
-    others, seconds = measured
-    if seconds < 1.0 or others < 0.75 or threads + others <= cores + 0.5:
+    if threads == load.cores == 1:
         return None
-    return (f"other processes kept about {others:.1f} of the {cores} CPU cores that this run may use busy while it "
-            f"started, and it trains with {threads} threads. If one of them is another training, or any program "
-            "using torch on every core, both will run many times slower than alone: torch's OpenMP threads spin "
-            f"while they wait for one another. {SHARED_CPU_ADVICE}")
+    plural = lambda n, word: f"{n} {word}" + ("s" if n != 1 else "")  # noqa: E731
+    return (f"while this run started, other processes kept about {load.others:.1f} of the "
+            f"{plural(load.cores, 'CPU core')} it may use busy, and it trains with {plural(threads, 'thread')}. "
+            "If one of them is another training, or any program using torch on every core, both will run many "
+            f"times slower than alone: torch's OpenMP threads spin while they wait for one another. {SHARED_CPU_ADVICE}")
 
 
 class Trainer:
@@ -581,7 +582,7 @@ class Trainer:
             log.info("first batch ready %.2f s after the trainer started (data preparation included)",
                      time.monotonic() - self.created)
             if self.device.type == "cpu" and not self.dist.enabled:  # torchrun's ranks share the cores by design
-                warning = busy_cpu_warning(self.cpu_use.measure(), torch.get_num_threads(), len(self.cpu_use.cpus))
+                warning = busy_cpu_warning(self.cpu_use.measure(), torch.get_num_threads())
                 if warning:
                     log.warning(warning)
 
