@@ -20,6 +20,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from nmt import cpuload
 from nmt.errors import NMTError
 
 EXIT_USER_ERROR = 2
@@ -274,6 +275,7 @@ def ctrl_c_held() -> Iterator[None]:
 
 
 def train() -> None:
+    cpuload.start_at_entry()  # the busy-CPU check at the first batch measures from here, before torch loads
     main("train", _imported_when_called("nmt.train", "train"))
 
 

@@ -27,6 +27,7 @@ from nmt import distributed
 from nmt.checkpoint import average_states, load_checkpoint, load_latest, save_checkpoint
 from nmt.config import DecodeConfig, TrainConfig
 from nmt.console import kept_records, log_records_to_file, log_to_file, setup_logging
+from nmt.cpuload import CpuLoad, OtherCpuUse, take_entry_probe
 from nmt.data.batching import Batch, EncodedCorpus, collate, epoch_batches, padding_share
 from nmt.data.cache import cache_root
 from nmt.data.pipeline import TrainingData, prepare_training_data
@@ -42,7 +43,7 @@ from nmt.optim import build_adam, clip_grad_norm, unfreeze_embeddings
 from nmt.plots import plot_embedding_drift, plot_training_curves
 from nmt.precision import FP32, Precision, compile_decoder_step
 from nmt.run import RunFiles, absolute_data_paths, check_resumable, make_directory, write_config
-from nmt.runtime import CpuLoad, OtherCpuUse, keep_freed_memory, pick_device, seed_everything
+from nmt.runtime import keep_freed_memory, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +333,11 @@ class SlowdownWatch:
 def busy_cpu_warning(load: CpuLoad | None, threads: int) -> str | None:
     """The warning for a run that starts on CPUs other processes are using, or None.
 
-    `load` is `OtherCpuUse.measure()` over the trainer's start. It warns when other processes kept at least
-    3/4 of a core busy on average over half a second or more, and the run's threads and that work together
-    exceed the cores by more than half a core: the case of a second training beside a first, which
-    `SlowdownWatch` cannot see in the process started second. One thread on one core has no team of
-    threads to spin.
+    `load` is `OtherCpuUse.measure()` over the run's start: from the command's start (or the trainer's creation)
+    to the first batch. It warns when other processes kept at least 3/4 of a core busy on average over half a
+    second or more, and the run's threads and that work together exceed the cores by more than half a core: the
+    case of a second training beside a first, which `SlowdownWatch` cannot see in the process started second.
+    One thread on one core has no team of threads to spin.
     """
     if load is None or load.seconds < 0.5 or load.others < 0.75 or threads + load.others <= load.cores + 0.5:
         return None
@@ -355,7 +356,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, cfg_dict: dict, files: RunFiles, dist: Distributed | None = None,
                  resuming: bool = False):
         self.created = time.monotonic()
-        self.cpu_use = OtherCpuUse()  # other processes' use of our CPUs from here to the first batch
+        # other processes' use of our CPUs from the command's start (or from here) to the first batch
+        self.cpu_use = take_entry_probe() or OtherCpuUse()
         self.cfg, self.cfg_dict, self.files = cfg, cfg_dict, files
         self.dist = dist or Distributed(device=pick_device(cfg.trainer.device))
         self.device = self.dist.device

@@ -18,7 +18,7 @@ from nmt.cli import compose_config
 from nmt.config import TrainConfig
 from nmt.data.batching import EncodedCorpus, collate
 from nmt.model.seq2seq import build_model
-from nmt.runtime import CpuLoad, OtherCpuUse, busy_ticks
+from nmt.cpuload import CpuLoad, OtherCpuUse, busy_ticks
 from nmt.train import SlowdownWatch, build_optimizer, busy_cpu_warning, train_step
 
 # Runs nmt-train in a subprocess with one function replaced from step `after` on (the patch is the fault).
@@ -70,8 +70,8 @@ nmt.train.train_step = slow_step
 
 # Other processes kept both of 2 cores busy while the trainer started (AFTER is unused).
 BUSY_CORES = """
-import nmt.runtime
-nmt.runtime.OtherCpuUse.measure = lambda self: nmt.runtime.CpuLoad(2.0, 2.0, 2)
+import nmt.cpuload
+nmt.cpuload.OtherCpuUse.measure = lambda self: nmt.cpuload.CpuLoad(2.0, 2.0, 2)
 """
 
 
@@ -247,6 +247,32 @@ def test_other_cpu_use_counts_other_processes_and_not_our_own():
     exec(burn.format(0.7))  # burnt by this process ...
     subprocess.run([sys.executable, "-c", burn.format(0.7)], check=True)  # ... and by a child it waited for
     assert probe.measure().others < 0.3
+
+
+# nmt-train with the creation of every OtherCpuUse recorded: was torch loaded yet?
+RECORD_PROBES = """
+import atexit, sys
+import nmt.cpuload
+torch_loaded = []
+init = nmt.cpuload.OtherCpuUse.__init__
+def record(self):
+    torch_loaded.append("torch" in sys.modules)
+    init(self)
+nmt.cpuload.OtherCpuUse.__init__ = record
+atexit.register(lambda: print("probes made with torch loaded:", torch_loaded))
+from nmt.cli import train
+sys.argv = ["nmt-train", *sys.argv[1:]]
+train()
+"""
+
+
+def test_nmt_train_measures_other_cpu_use_from_before_torch_loads(shared_data_dir, tmp_path):
+    assert "torch" not in subprocess.run([sys.executable, "-c", "import sys, nmt.cli; print(sorted(sys.modules))"],
+                                         capture_output=True, text=True, check=True).stdout
+    out = run_cli(sys.executable, "-c", RECORD_PROBES, *FAST_DEBUG, f"paths.data_dir={shared_data_dir}",
+                  f"paths.run_dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "probes made with torch loaded: [False]" in out.stdout  # one, at the command's start, read by the trainer
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="the check needs the CPUs of this process (Linux)")
