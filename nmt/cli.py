@@ -207,7 +207,8 @@ def limit_kernel_caches(kernels: int = 8) -> None:
 def main(name: str, task: Callable, argv: list[str] | None = None) -> None:
     """Compose the config from argv and call task(cfg, cfg_dict); a user's mistake, or Ctrl-C at any point
     from here on (importing hydra and torch included), ends with one paragraph and the exit status, never a
-    traceback. Before main runs, only this module loads (it imports the standard library alone)."""
+    traceback. Before main runs, only this module, nmt.errors and nmt.cpuload load (the standard library
+    alone)."""
     try:
         _main(name, task, argv)
     except KeyboardInterrupt:  # in nmt-train, only before training starts: the trainer handles it after
@@ -276,7 +277,10 @@ def ctrl_c_held() -> Iterator[None]:
 
 def train() -> None:
     cpuload.start_at_entry()  # the busy-CPU check at the first batch measures from here, before torch loads
-    main("train", _imported_when_called("nmt.train", "train"))
+    try:
+        main("train", _imported_when_called("nmt.train", "train"))
+    finally:
+        cpuload.take_entry_probe()  # left by a command that ended before its trainer took it
 
 
 def evaluate() -> None:

@@ -3,7 +3,7 @@
 Two trainings on the same cores slow each other many times over (torch's OpenMP threads spin while they
 wait for one another), and the one started second has no faster speed of its own to compare with. nmt-train
 therefore starts an `OtherCpuUse` as the command starts (`start_at_entry`, in nmt.cli, before hydra and
-torch load: about a second more to measure over), and the trainer reads it at its first batch
+torch load, which lengthens the time measured over), and the trainer reads it at its first batch
 (`take_entry_probe`). Standard library only, so that nmt.cli stays free of torch until the config is
 composed.
 """
@@ -62,7 +62,10 @@ class OtherCpuUse:
     """
 
     def __init__(self):
-        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        try:
+            self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        except OSError:
+            self.cpus = []
         quota = cpu_quota() if self.cpus else None
         if quota is not None and quota < len(self.cpus):
             self.cpus = []

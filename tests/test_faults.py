@@ -249,17 +249,21 @@ def test_other_cpu_use_counts_other_processes_and_not_our_own():
     assert probe.measure().others < 0.3
 
 
-# nmt-train with the creation of every OtherCpuUse recorded: was torch loaded yet?
+# nmt-train with every OtherCpuUse recorded: was torch loaded when it was made, and which one was measured?
 RECORD_PROBES = """
 import atexit, sys
 import nmt.cpuload
-torch_loaded = []
-init = nmt.cpuload.OtherCpuUse.__init__
+probes, torch_loaded, measured = [], [], []
+init, measure = nmt.cpuload.OtherCpuUse.__init__, nmt.cpuload.OtherCpuUse.measure
 def record(self):
+    probes.append(self)
     torch_loaded.append("torch" in sys.modules)
     init(self)
-nmt.cpuload.OtherCpuUse.__init__ = record
-atexit.register(lambda: print("probes made with torch loaded:", torch_loaded))
+def record_measure(self):
+    measured.append(probes.index(self))
+    return measure(self)
+nmt.cpuload.OtherCpuUse.__init__, nmt.cpuload.OtherCpuUse.measure = record, record_measure
+atexit.register(lambda: print("probes made with torch loaded:", torch_loaded, "measured:", measured))
 from nmt.cli import train
 sys.argv = ["nmt-train", *sys.argv[1:]]
 train()
@@ -272,7 +276,8 @@ def test_nmt_train_measures_other_cpu_use_from_before_torch_loads(shared_data_di
     out = run_cli(sys.executable, "-c", RECORD_PROBES, *FAST_DEBUG, f"paths.data_dir={shared_data_dir}",
                   f"paths.run_dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "probes made with torch loaded: [False]" in out.stdout  # one, at the command's start, read by the trainer
+    # one probe, made at the command's start, and the trainer measured it at its first batch
+    assert "probes made with torch loaded: [False] measured: [0]" in out.stdout, out.stdout[-2000:]
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="the check needs the CPUs of this process (Linux)")
