@@ -19,7 +19,8 @@ embeddings 256, a bidirectional GRU encoder of 512, a GRU decoder of 512 with Ba
 (Joey's defaults otherwise: input feeding, a bridge to the initial state), dropout 0.2, batches of
 4,096 tokens, fp32, on the joint SentencePiece vocabulary of the given model (the pieces nmt uses).
 It validates (greedy) every --validate-at steps, which writes the checkpoint, and after training
-decodes test2016 with beam 5 (alpha 1.0, 64 sentences a batch) as its `train` command does. Figures
+decodes test2016 with beam 5 (alpha 1.0, --decode-batch sentences a batch, 64 by default, where Joey
+was faster than with 128) as its `train` command does. Figures
 are Joey's own: the target tokens and training seconds (validation excluded) summed over its epoch
 summaries, and "Generation took" for test2016.
 
@@ -57,10 +58,13 @@ EPOCH_SUMMARY = re.compile(r"Epoch\s+\d+, total training loss: \S+, num\. of seq
 WINDOW = re.compile(r"Tokens per Sec:\s+(\d+)")
 GENERATION = re.compile(r"Generation took ([\d.]+)\[sec\]")
 BEAM_RESULT = re.compile(r"Evaluation result \(beam search\): bleu:\s+([\d.]+)")
+# sentences a batch when Joey decodes test2016: Joey's beam search was slower with 128 and about as fast
+# with 32 on the Zen 4 host of docs/speed.md (nmt decodes 128 a batch)
+DECODE_BATCH = 64
 
 
 def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, validate_at: int,
-                epochs: int = 1, load_model: Path | None = None) -> dict:
+                epochs: int = 1, load_model: Path | None = None, decode_batch: int = DECODE_BATCH) -> dict:
     side = {"level": "bpe", "tokenizer_type": "sentencepiece", "voc_file": str(vocab),
             "tokenizer_cfg": {"model_file": str(spm_model)}}
     rnn = {"type": "recurrent", "rnn_type": "gru", "hidden_size": 512, "num_layers": 1, "dropout": 0.2,
@@ -78,7 +82,7 @@ def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, v
                      "eval_metrics": ["bleu"], "early_stopping_metric": "ppl", "keep_best_ckpts": 1,
                      "shuffle": True, "num_workers": 0, "print_valid_sents": [0],
                      **({"load_model": str(load_model)} if load_model else {})},
-        "testing": {"beam_size": 5, "beam_alpha": 1.0, "batch_size": 64, "batch_type": "sentence",
+        "testing": {"beam_size": 5, "beam_alpha": 1.0, "batch_size": decode_batch, "batch_type": "sentence",
                     "eval_metrics": ["bleu"], "sacrebleu_cfg": {"tokenize": "13a"}},
         "model": {"initializer": "xavier_uniform", "tied_embeddings": False, "tied_softmax": False,
                   "encoder": {**rnn, "bidirectional": True},
@@ -162,6 +166,8 @@ def run_joey(args: argparse.Namespace) -> dict:
             raise SystemExit(f"bench_joey: --decode-only needs a model that this script trained in {work}; "
                              f"run it once without --decode-only (and with --epochs) first.")
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        config["testing"]["batch_size"] = args.decode_batch  # the rest as the model was trained
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         command = ["test", str(config_path), "-o", str(model_dir / "decode.hyps")]
         log_name, hyps_name = "test.log", "decode.hyps.test"
         (model_dir / log_name).unlink(missing_ok=True)  # Joey appends to its log
@@ -173,7 +179,7 @@ def run_joey(args: argparse.Namespace) -> dict:
             raise SystemExit(f"bench_joey: --load-model {load_model} lies in the model directory that Joey empties "
                              f"before training; give another --work-dir.")
         config = joey_config(data_dir, work / "vocab.txt", spm_model, model_dir, args.validate_at, args.epochs,
-                             load_model)
+                             load_model, args.decode_batch)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         command = ["train", str(config_path)]
         log_name, hyps_name = "train.log", "best.hyps.test"
@@ -220,6 +226,8 @@ def main() -> int:
                         help="go on training from this Joey checkpoint (e.g. an earlier --work-dir's model/latest.ckpt)")
     parser.add_argument("--decode-only", action="store_true",
                         help="train nothing: decode test2016 again with the model in --work-dir")
+    parser.add_argument("--decode-batch", type=int, default=DECODE_BATCH,
+                        help=f"sentences per beam-search batch (default {DECODE_BATCH})")
     parser.add_argument("--nmt-json", default=None, help="scripts/benchmark.py's JSON from this machine")
     parser.add_argument("--out", default=None, help="write the JSON here")
     parser.add_argument("--report", default=None, help="run nothing: print the table of this script's earlier JSON")

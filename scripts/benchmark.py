@@ -195,7 +195,8 @@ def measure_decoding(model: Seq2Seq, vocab: Vocab, sources: list[str], reference
     pieces = sum(len(t.tgt_pieces) for t in translations)
     bleu = sacrebleu.corpus_bleu([t.text for t in translations], [references]).score
     return {"sentences_per_s": len(sources) / seconds, "tokens_per_s": pieces / seconds,
-            "sentences": len(sources), "mean_output_pieces": pieces / len(sources), "bleu": bleu}
+            "sentences": len(sources), "mean_output_pieces": pieces / len(sources), "bleu": bleu,
+            "batch_size": cfg.batch_size}
 
 
 def read_lines(path: Path) -> list[str]:

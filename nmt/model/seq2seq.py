@@ -110,7 +110,7 @@ class Seq2Seq(nn.Module):
         """Within this block the search looks each previous token's terms up in a table of the whole vocabulary
         instead of multiplying R embeddings by a (3H + O, E) weight at every step: about a sixth of a beam
         step's arithmetic for the recipe's model. Outside training those terms depend on the piece alone.
-        Making the table is one product of V rows (a beam-5 step of 64 sentences multiplies 320), so
+        Making the table is one product of V rows (a beam-5 step of 128 sentences multiplies 640), so
         `translate_sentences` opens one per call; the weights must not change inside it. Vocabularies over
         TOKEN_TABLE_LIMIT entries and max_norm embeddings (whose lookup renormalises rows) get no table.
         """
