@@ -442,8 +442,8 @@ class DecodeConfig:
     alpha: float = 1.0  # GNMT length penalty ((5 + len) / 6) ** alpha; 0 = raw log-probability
     max_len_ratio: float = 1.5  # outputs stop at ratio * source length + 5 pieces
     n_best: int = 1
-    # sentences per decoding batch: on a 2-core CPU, 128 decoded test2016 7% faster than 64 at beam 5 and
-    # 13% faster greedy, with the same translations (docs/speed.md)
+    # sentences per decoding batch: on a 2-core CPU, 128 took 8% less time than 64 to decode test2016 at
+    # beam 5 and 13% less greedy, with the same translations (docs/speed.md)
     batch_size: int = 128
     # bf16: the search's matrix products in bfloat16 (autocast); 1.3x to 1.8x faster beam search on a
     # CPU with bf16 matrix units, at the same test2016 BLEU for our Multi30k run (docs/speed.md)

@@ -19,10 +19,10 @@ embeddings 256, a bidirectional GRU encoder of 512, a GRU decoder of 512 with Ba
 (Joey's defaults otherwise: input feeding, a bridge to the initial state), dropout 0.2, batches of
 4,096 tokens, fp32, on the joint SentencePiece vocabulary of the given model (the pieces nmt uses).
 It validates (greedy) every --validate-at steps, which writes the checkpoint, and after training
-decodes test2016 with beam 5 (alpha 1.0, --decode-batch sentences a batch, 64 by default, where Joey
-was faster than with 128) as its `train` command does. Figures
-are Joey's own: the target tokens and training seconds (validation excluded) summed over its epoch
-summaries, and "Generation took" for test2016.
+decodes test2016 with beam 5 (alpha 1.0, --decode-batch sentences a batch: 32 by default, Joey's
+fastest of 32, 64 and 128 on the Zen 4 host of docs/speed.md; the runs recorded before the option
+existed used 64) as its `train` command does. Figures are Joey's own: the target tokens and training
+seconds (validation excluded) summed over its epoch summaries, and "Generation took" for test2016.
 
 Beam search runs until the hypotheses end, so its speed depends on the model decoded: on the 2-core
 AMX host of docs/speed.md, Joey decoded test2016 with its one-epoch model (BLEU 1.5, long repetitive
@@ -58,9 +58,9 @@ EPOCH_SUMMARY = re.compile(r"Epoch\s+\d+, total training loss: \S+, num\. of seq
 WINDOW = re.compile(r"Tokens per Sec:\s+(\d+)")
 GENERATION = re.compile(r"Generation took ([\d.]+)\[sec\]")
 BEAM_RESULT = re.compile(r"Evaluation result \(beam search\): bleu:\s+([\d.]+)")
-# sentences a batch when Joey decodes test2016: Joey's beam search was slower with 128 and about as fast
-# with 32 on the Zen 4 host of docs/speed.md (nmt decodes 128 a batch)
-DECODE_BATCH = 64
+# sentences a batch when Joey decodes test2016: on the Zen 4 host of docs/speed.md Joey's beam search was
+# slowest with 128 and a little faster with 32 than with 64 (nmt decodes 128 a batch)
+DECODE_BATCH = 32
 
 
 def joey_config(data_dir: Path, vocab: Path, spm_model: Path, model_dir: Path, validate_at: int,

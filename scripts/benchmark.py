@@ -186,7 +186,7 @@ def measure_training(model: Seq2Seq, corpus: EncodedCorpus, cfg: TrainConfig, de
 def measure_decoding(model: Seq2Seq, vocab: Vocab, sources: list[str], references: list[str], device: torch.device,
                      beam_size: int, precision: str = "fp32") -> dict:
     cfg = DecodeConfig(beam_size=beam_size, alpha=1.0 if beam_size > 1 else 0.0, precision=precision)
-    translate_sentences(model, vocab, sources[:64], cfg, device)  # warm-up
+    translate_sentences(model, vocab, sources[:cfg.batch_size], cfg, device)  # warm-up: one batch
     synchronize(device)
     started = time.perf_counter()
     translations = translate_sentences(model, vocab, sources, cfg, device)
