@@ -49,6 +49,10 @@ def test_presets_pin_what_they_say():
     files, _ = compose_config("train", ["experiment=files", *FILES])
     assert (files.model.embedding_dim, files.model.hidden_size) == (128, 256)  # gru_small
     assert files.data.train.src == "a.de" and files.data.val.tgt == "b.en"
+    best, _ = compose_config("train", ["experiment=multi30k_de_en_best"])
+    assert (best.optim.name, best.optim.weight_decay, best.optim.lr) == ("adamw", 0.1, 0.002)
+    before, _ = compose_config("train", ["experiment=multi30k_de_en_best", "optim=adam", "optim.weight_decay=0"])
+    assert (before.optim.name, before.optim.weight_decay, before.optim.min_lr) == ("adam", 0.0, 0.0005)
 
 
 def test_command_line_overrides_reach_the_dataclasses():
