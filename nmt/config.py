@@ -278,6 +278,9 @@ class OptimConfig:
     lr: float = 5e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    # parameters kept out of weight decay: bias (every bias vector), embedding (the embedding tables, and the
+    # output projection when it is tied to them); e.g. optim.no_decay=[bias,embedding]
+    no_decay: List[str] = field(default_factory=list)
     clip_grad_norm: float = 1.0  # 0 disables clipping
     label_smoothing: float = 0.1
     scheduler: str = "plateau"  # plateau | inverse_sqrt | linear | cosine | none
@@ -302,6 +305,8 @@ class OptimConfig:
         for beta in self.betas:
             check_probability("optim.betas", beta)
         check_non_negative("optim.weight_decay", self.weight_decay)
+        for kind in self.no_decay:
+            check_choice("optim.no_decay", kind, ("bias", "embedding"))
         check_non_negative("optim.clip_grad_norm", self.clip_grad_norm)
         check_probability("optim.label_smoothing", self.label_smoothing)
         check_choice("optim.scheduler", self.scheduler, ("plateau", "inverse_sqrt", "linear", "cosine", "none"))

@@ -74,16 +74,32 @@ class SparseDenseAdam(torch.optim.Adam):
         param[rows] = param[rows] - step_size * exp_avg / (exp_avg_sq.sqrt() + group["eps"])
 
 
+def exempt_from_decay(model: nn.Module, params: list[nn.Parameter], no_decay: tuple[str, ...]) -> set[int]:
+    """The ids of those `params` that `no_decay` keeps out of weight decay: "bias" names every bias vector,
+    "embedding" the embedding tables (with tied embeddings that matrix is the output projection too)."""
+    exempt = set()
+    if "embedding" in no_decay:
+        exempt |= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if "bias" in no_decay:  # bias, bias_ih, bias_hh_l0_reverse, ...; not the attention's 1-row v
+        exempt |= {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1].startswith("bias")}
+    return {id(p) for p in params} & exempt
+
+
 def build_adam(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-               sparse: bool, decoupled: bool = False) -> torch.optim.Optimizer:
+               sparse: bool, decoupled: bool = False, no_decay: tuple[str, ...] = ()) -> torch.optim.Optimizer:
     """Adam over the trainable parameters (AdamW's decoupled weight decay with `decoupled`); with
-    `sparse`, embedding tables get the lazy sparse update (the config allows no weight decay then)."""
+    `sparse`, embedding tables get the lazy sparse update (the config allows no weight decay then).
+    With weight decay, the parameters that `no_decay` names form a second group without it."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not sparse:
+        exempt = exempt_from_decay(model, params, no_decay) if weight_decay else set()
+        groups = [{"params": [p for p in params if id(p) not in exempt]}]
+        if exempt:
+            groups.append({"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0})
         # The fused kernel updates all parameters in one pass (CPU and CUDA alike), where the default
         # implementation makes several passes per tensor.
         adam = torch.optim.AdamW if decoupled else torch.optim.Adam
-        return adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+        return adam(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
     return SparseDenseAdam([p for p in params if id(p) not in tables], [p for p in params if id(p) in tables],
                            lr=lr, betas=betas, weight_decay=weight_decay)
@@ -121,11 +137,13 @@ def frozen_embeddings(model: Seq2Seq) -> list[nn.Parameter]:
     return tables
 
 
-def unfreeze_embeddings(model: Seq2Seq, optimizer: torch.optim.Optimizer, scheduler) -> int:
+def unfreeze_embeddings(model: Seq2Seq, optimizer: torch.optim.Optimizer, scheduler,
+                        no_decay: tuple[str, ...] = ()) -> int:
     """Make the frozen embedding tables trainable and add them to the optimizer as a new group.
 
-    The group starts at the current learning rate of the first group; a LambdaLR (warmup) scheduler
-    and ReduceLROnPlateau are extended to it. Returns how many tables were unfrozen (0: none were frozen).
+    The group starts at the current learning rate of the first group, without weight decay when
+    `no_decay` names "embedding"; a LambdaLR (warmup) scheduler and ReduceLROnPlateau are extended to
+    it. Returns how many tables were unfrozen (0: none were frozen).
     """
     tables = frozen_embeddings(model)
     if not tables:
@@ -134,6 +152,8 @@ def unfreeze_embeddings(model: Seq2Seq, optimizer: torch.optim.Optimizer, schedu
         table.requires_grad_(True)
     first = optimizer.param_groups[0]
     group = {"params": tables, "lr": first["lr"]}
+    if "embedding" in no_decay:
+        group["weight_decay"] = 0.0
     if isinstance(optimizer, SparseDenseAdam) and model.src_embed.embedding.sparse:
         group.update(sparse=True, weight_decay=0.0)
     elif isinstance(optimizer, SparseDenseAdam):

@@ -35,7 +35,7 @@ from nmt.data.sampling import SegmentationSampler, load_segmentation, save_segme
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
-from nmt.errors import Diverged, Interrupted
+from nmt.errors import ConfigError, Diverged, Interrupted
 from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
 from nmt.model.vectors import check_vectors_exist, load_pretrained_, training_words
@@ -106,7 +106,7 @@ def setup_embeddings(model: Seq2Seq, cfg: TrainConfig, data: TrainingData, load_
 def build_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Frozen parameters are left out, so they have no optimizer state and no weight decay.
     return build_adam(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, cfg.model.embeddings.sparse,
-                      decoupled=cfg.optim.name == "adamw")
+                      decoupled=cfg.optim.name == "adamw", no_decay=tuple(cfg.optim.no_decay))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
@@ -280,7 +280,17 @@ def checkpoint_state(model, optimizer, scheduler, state: TrainState, cfg_dict: d
 
 def restore(checkpoint: dict, model, optimizer, scheduler, dist: Distributed = SINGLE_PROCESS) -> TrainState:
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # the checkpoint's parameters fall into other groups than this run's
+        mismatch = ConfigError(
+            f"Cannot resume: the optimizer state in the checkpoint does not fit this run's parameter groups "
+            f"({error}). optim.no_decay, or optim.weight_decay from zero to non-zero or back, differs from the "
+            f"run's own settings: resume with those in the run's config.yaml, or start a new run in another "
+            f"paths.run_dir."
+        )
+        mismatch.every_rank = True  # every rank loads the same checkpoint
+        raise mismatch from None
     if scheduler is not None and checkpoint["scheduler"]:
         scheduler.load_state_dict(checkpoint["scheduler"])
     rng = checkpoint["rng"]
@@ -615,7 +625,8 @@ class Trainer:
     def unfreeze_if_due(self, step: int) -> None:
         """model.embeddings.unfreeze_after=N: the frozen embeddings join the optimizer after update N."""
         after = self.cfg.model.embeddings.unfreeze_after
-        if after and step >= after and unfreeze_embeddings(self.model, self.optimizer, self.scheduler):
+        if after and step >= after and unfreeze_embeddings(self.model, self.optimizer, self.scheduler,
+                                                           tuple(self.cfg.optim.no_decay)):
             log.info("step %d: embeddings unfrozen (model.embeddings.unfreeze_after=%d)", step, after)
 
     def schedule_next_update(self, max_seconds: float | None) -> None:

@@ -228,6 +228,68 @@ def test_optim_adamw_decays_the_weights_apart_from_the_gradient(name):
         torch.testing.assert_close(weight, old - 0.1 * torch.sign(old), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("no_decay", [["bias"], ["embedding"], ["bias", "embedding"]])
+def test_optim_no_decay_keeps_biases_and_embeddings_out_of_weight_decay(no_decay):
+    # with a zero gradient, AdamW's step is its decay alone: the decayed weights shrink by (1 - lr * weight_decay),
+    # those that optim.no_decay names do not move; the tied table is one parameter, in one group
+    from nmt.cli import compose_config
+
+    cfg, _ = compose_config("train", ["experiment=debug", "optim=adamw", "optim.lr=0.1", "optim.weight_decay=0.5",
+                                      f"optim.no_decay=[{','.join(no_decay)}]"])
+    model = build_model(ModelConfig(embedding_dim=E, hidden_size=H, tie_embeddings=True, tie_src_tgt=True), V, V)
+    optimizer = build_optimizer(model, cfg)
+    decayed, exempt = optimizer.param_groups
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.5, 0.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    exempt_names = sorted(names[id(p)] for p in exempt["params"])
+    biases = sorted(name for name in names.values() if "bias" in name)
+    assert len(biases) == 10  # the encoder's 4, the bridge, the key projection, the GRU cell's 2, pre-output, output
+    expected = (biases if "bias" in no_decay else []) + (["src_embed.embedding.weight"] if "embedding" in no_decay else [])
+    assert exempt_names == sorted(expected)
+    assert "decoder.attention.v.weight" in [names[id(p)] for p in decayed["params"]]  # a weight, though one row
+    assert len(decayed["params"]) + len(exempt["params"]) == len(names)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        factor = 1.0 if name in exempt_names else 1 - 0.1 * 0.5
+        torch.testing.assert_close(param.detach(), before[name] * factor, msg=name)
+
+
+def test_optim_no_decay_changes_nothing_without_weight_decay_and_is_checked():
+    model = tiny_model()
+    for weight_decay in (0.0, 0.1):
+        optimizer = build_adam(model, 0.01, (0.9, 0.999), weight_decay, sparse=False, decoupled=True,
+                               no_decay=("bias", "embedding"))
+        assert len(optimizer.param_groups) == (1 if weight_decay == 0 else 2)
+    with pytest.raises(ConfigError, match="optim.no_decay='norm' is not a valid choice; use one of: bias, embedding"):
+        OptimConfig(no_decay=["bias", "norm"])
+
+
+def test_resuming_with_other_parameter_groups_is_a_clear_error():
+    from nmt.train import restore
+
+    model = tiny_model()
+    saved = build_adam(model, 0.01, (0.9, 0.999), 0.1, sparse=False, decoupled=True)
+    resumed = build_adam(model, 0.01, (0.9, 0.999), 0.1, sparse=False, decoupled=True, no_decay=("bias",))
+    with pytest.raises(ConfigError, match="optim.no_decay.*config.yaml") as caught:
+        restore({"model": model.state_dict(), "optimizer": saved.state_dict()}, model, resumed, None)
+    assert caught.value.every_rank
+
+
+def test_unfrozen_tables_join_without_weight_decay_when_no_decay_names_them():
+    cfg = TrainConfig(model=ModelConfig(embedding_dim=E, hidden_size=H, embeddings=EmbeddingConfig(freeze="both")),
+                      optim=OptimConfig(name="adamw", weight_decay=0.1, no_decay=["embedding"], scheduler="none"))
+    model = build_model(cfg.model, V, V)
+    model.src_embed.weight.requires_grad_(False)
+    model.tgt_embed.weight.requires_grad_(False)
+    optimizer = build_optimizer(model, cfg)
+    assert len(optimizer.param_groups) == 1  # the frozen tables are not in it, so nothing is exempt yet
+    assert unfreeze_embeddings(model, optimizer, None, tuple(cfg.optim.no_decay)) == 2
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
 def test_optim_name_is_checked():
     with pytest.raises(ConfigError, match="optim.name"):
         OptimConfig(name="sgd")
