@@ -1,5 +1,6 @@
 """Optimisation pieces that embeddings need: Adam with sparse embedding gradients, clipping that
-handles them, and unfreezing embeddings partway through training.
+handles them, unfreezing embeddings partway through training, and keeping the embedding tables (or
+the biases) out of weight decay (`optim.no_decay`).
 
 Frozen embeddings (`requires_grad=False`) are left out of the optimizer entirely: no gradient, no
 Adam state, no weight decay. `unfreeze_embeddings` later turns them on and adds them as a new
