@@ -359,6 +359,9 @@ class TrainerConfig:
     # (trainer.max_time, max_steps or max_epochs, whichever ends training), so that a slower machine,
     # with fewer epochs in its budget, does not average the early ones; 0 = all N
     average_from: float = 0.0
+    # a moving average of the weights, updated after every update (nmt/ema.py): validation, best.pt, val-STEP.pt
+    # and last.pt's model hold it; 0.999 averages over about the last 1,000 updates; 0 = none
+    ema_decay: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the step of a decoder of 2+ layers; else, or on failure, eager with a warning
     # glibc's malloc keeps freed memory for reuse instead of unmapping large blocks, whose pages then
@@ -389,6 +392,7 @@ class TrainerConfig:
                 f"validations, but trainer.keep_checkpoints={self.keep_checkpoints} keeps only "
                 f"{self.keep_checkpoints}: set trainer.keep_checkpoints={self.average_last} (or more).")
         check_probability("trainer.average_from", self.average_from)
+        check_probability("trainer.ema_decay", self.ema_decay)
         check_choice("trainer.precision", self.precision, PRECISIONS)
         parse_duration("trainer.dist_timeout", self.dist_timeout)
 

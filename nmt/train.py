@@ -35,6 +35,7 @@ from nmt.data.sampling import SegmentationSampler, load_segmentation, save_segme
 from nmt.data.vocab import PAD_ID, SPECIAL_IDS
 from nmt.decoding import translate_sentences
 from nmt.distributed import SINGLE_PROCESS, Distributed, advance, rank_batches, wrap_model
+from nmt.ema import WeightAverage
 from nmt.errors import ConfigError, Diverged, Interrupted
 from nmt.model.drift import EmbeddingDrift
 from nmt.model.seq2seq import Seq2Seq, build_model
@@ -279,7 +280,8 @@ def checkpoint_state(model, optimizer, scheduler, state: TrainState, cfg_dict: d
 
 
 def restore(checkpoint: dict, model, optimizer, scheduler, dist: Distributed = SINGLE_PROCESS) -> TrainState:
-    model.load_state_dict(checkpoint["model"])
+    # under trainer.ema_decay, last.pt's "model" is the moving average and the weights that train on are apart
+    model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:  # the checkpoint's parameters fall into other groups than this run's
@@ -389,6 +391,7 @@ class Trainer:
                         "(model.embeddings.freeze=%s) will stay frozen for the whole run", after, max_steps,
                         cfg.model.embeddings.freeze)
         self.model.to(self.device)
+        self.ema = WeightAverage(self.model, cfg.trainer.ema_decay)  # a no-op when the decay is 0
         compiled = cfg.trainer.compile and compile_decoder_step(self.model)
         self.train_model = wrap_model(self.model, self.dist)  # what the steps call: DDP under torchrun
         self.optimizer = build_optimizer(self.model, cfg)
@@ -407,8 +410,9 @@ class Trainer:
         self.resumable_epochs: list[int] = []  # the epochs of last.pt and of the one it replaced
         params = sum(p.numel() for p in self.model.parameters())
         ranks = f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""
-        log.info("model: %s parameters, device %s%s, precision %s%s", f"{params:,}", self.device, ranks,
-                 self.precision.name, ", decoder step compiled" if compiled else "")
+        log.info("model: %s parameters, device %s%s, precision %s%s%s", f"{params:,}", self.device, ranks,
+                 self.precision.name, ", decoder step compiled" if compiled else "",
+                 f", weights averaged as they train (trainer.ema_decay={self.ema.decay:g})" if self.ema.enabled else "")
 
     def save(self, name: str) -> None:
         """Every rank calls this (each hands in its random state); rank 0 writes the file."""
@@ -417,6 +421,8 @@ class Trainer:
             return
         state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.cfg_dict, rank_rng,
                                  self.precision.state_dict())
+        if name == "last" and self.ema.enabled:  # called outside ema.applied(): the model holds its training weights
+            state["training_model"], state["model"] = state["model"], self.ema.state_dict(self.model)
         save_checkpoint(state, self.files.checkpoint(name), keep_previous=name == "last")
         if name == "last" and self.cfg.data.subword_alpha:
             self.drop_old_segmentations()
@@ -457,6 +463,11 @@ class Trainer:
         checkpoint, path = load_latest(self.files.checkpoint("last"), map_location="cpu")
         self.unfreeze_if_due(checkpoint["train_state"]["step"])  # so the optimizer has the groups it saved
         self.state = restore(checkpoint, self.model, self.optimizer, self.scheduler, self.dist)
+        if self.ema.enabled and "training_model" in checkpoint:
+            self.ema.load_state_dict(checkpoint["model"])
+        elif self.ema.enabled:
+            self.ema.restart()
+            log.info("trainer.ema_decay: %s holds no moving average, so it starts from the resumed weights", path)
         self.resumable_epochs = [self.state.epoch]
         self.precision.load_state_dict(checkpoint.get("scaler", {}))
         self.state.stop_reason = ""  # limits are checked again against the (possibly new) settings
@@ -554,6 +565,8 @@ class Trainer:
             self.step_seconds += time.monotonic() - step_start
             self.count_nonfinite(result)
             state.step += 1
+            if result.updated:
+                self.ema.update(state.step)
             position = state.batch_in_epoch
             state.batch_in_epoch = advance(position, len(batches), dist.world_size)
             state.elapsed = time.monotonic() - started
@@ -709,6 +722,15 @@ class Trainer:
         return {**metrics, "averaged": len(steps), "first_step": steps[0], "last_step": steps[-1]}
 
     def validate_and_checkpoint(self) -> None:
+        # under trainer.ema_decay the validation, the drift, best.pt and val-STEP.pt see the moving average
+        with self.ema.applied():
+            self.validate_and_keep()
+        self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
+        if self.dist.is_main:
+            plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
+
+    def validate_and_keep(self) -> None:
+        """Validate, log, and write best.pt and val-STEP.pt when due."""
         cfg, state = self.cfg.trainer, self.state
         # rank 0 validates while the others wait; all then take the same decisions (best, patience, lr)
         metrics = self.dist.broadcast(
@@ -736,9 +758,6 @@ class Trainer:
             self.save("best")
         if cfg.keep_checkpoints and self.dist.is_main:
             self.keep_validation_weights(cfg.keep_checkpoints)
-        self.save("last")  # last: written after best, so a resume never lacks a best checkpoint
-        if self.dist.is_main:
-            plot_training_curves(self.files.metrics, self.files.run_dir / "training_curves.png")
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -116,6 +116,8 @@ def test_unknown_experiment_lists_the_choices(capsys):
     ("data.subword_nbest=-1", None),  # sample among all segmentations
     ("trainer.average_from=1.0", "trainer.average_from"),  # would leave nothing to average
     ("trainer.average_from=-0.1", "trainer.average_from"),
+    ("trainer.ema_decay=1.0", "trainer.ema_decay"),  # the average would never move
+    ("trainer.ema_decay=-0.5", "trainer.ema_decay"),
     ("+model.hiden_size=5", "model.hiden_size"),  # Hydra's + adds any key; nmt refuses those it does not read
     ("+foo=1", "Unknown setting foo"),
     ("trainer.resume=maybe", "Wrong type for trainer.resume"),
