@@ -2,13 +2,16 @@
 
 After every update, each average moves a share of the way towards the weight it follows:
 ema <- decay * ema + (1 - decay) * weight, with the decay of update t held at (1 + t) / (10 + t)
-while that is smaller, so that the first updates do not leave the average near the initial weights
-(fairseq's `--ema-decay`, Marian's `--exponential-smoothing` and TensorFlow's ExponentialMovingAverage
-do the same). A decay of 0.999 averages over about the last 1,000 updates.
+while that is smaller, so that the first updates do not leave the average near the initial weights,
+as Marian's `--exponential-smoothing` (which takes 1 - decay) and TensorFlow's ExponentialMovingAverage
+do; fairseq's `--ema-decay` keeps its decay fixed. A decay of 0.999 averages over about the last 1,000
+updates.
 
-The training weights stay as they are: validation, best.pt, the val-STEP.pt files and the "model" of
-last.pt hold the average, so nmt-evaluate, nmt-translate and checkpoint averaging read it; last.pt
-also keeps the training weights under "training_model", which a resume continues from.
+The updates are those of a run without the average, but validation scores the average, so what is
+decided on the dev score (the plateau scheduler's cuts, early stopping) follows it. best.pt, the
+val-STEP.pt files and the "model" of last.pt hold the average, so nmt-evaluate, nmt-translate and
+checkpoint averaging read it; last.pt also keeps the training weights under "training_model", which a
+resume continues from.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ class WeightAverage:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """Inside, the model holds the averages; on leaving, its own weights come back to the bit."""
+        """Inside, the model holds the averages; on leaving, its own weights come back to the bit. What the
+        model did to the weights inside (model.embeddings.max_norm rescales the rows it looks up) stays
+        with the averages, so the checkpoints written inside and those written by `state_dict` agree."""
         if not self.enabled:
             yield
             return
@@ -63,15 +68,17 @@ class WeightAverage:
             yield
         finally:
             with torch.no_grad():
+                torch._foreach_copy_(self.averages, self.params)
                 torch._foreach_copy_(self.params, own)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """`model.state_dict()` with the averages in place of the parameters (tied keys share one tensor)."""
-        state = model.state_dict()
-        if self.enabled:
-            by_storage = {param.data_ptr(): average for param, average in zip(self.params, self.averages)}
-            for key, tensor in state.items():
-                state[key] = by_storage.get(tensor.data_ptr(), tensor)
+        if not self.enabled:
+            return model.state_dict()
+        state = model.state_dict(keep_vars=True)  # the Parameter objects themselves, to match them by identity
+        averages = {id(param): average for param, average in zip(self.params, self.averages)}
+        for key, tensor in state.items():
+            state[key] = averages.get(id(tensor), tensor.detach())
         return state
 
     @torch.no_grad()

@@ -106,10 +106,15 @@ def kill_after(process: subprocess.Popen, run_dir: Path, delay: float, at_checkp
 def compare(reference: Path, chaos: Path) -> dict[str, dict]:
     result = {}
     for name in ("last", "best"):
-        a = load_checkpoint(reference / "checkpoints" / f"{name}.pt")["model"]
-        b = load_checkpoint(chaos / "checkpoints" / f"{name}.pt")["model"]
-        different = sorted(k for k in a if k not in b or not torch.equal(a[k], b[k]))
-        result[name] = {"tensors": len(a), "different": different, "equal": not different and a.keys() == b.keys()}
+        a, b = (load_checkpoint(run / "checkpoints" / f"{name}.pt") for run in (reference, chaos))
+        # under trainer.ema_decay, "model" is the moving average and "training_model" the weights that train
+        for part in ("model", "training_model"):
+            if part not in a and part not in b:
+                continue
+            x, y = a.get(part, {}), b.get(part, {})
+            different = sorted(k for k in x if k not in y or not torch.equal(x[k], y[k]))
+            key = name if part == "model" else f"{name} ({part})"
+            result[key] = {"tensors": len(x), "different": different, "equal": not different and x.keys() == y.keys()}
     return result
 
 

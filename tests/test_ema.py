@@ -35,13 +35,13 @@ def nudge(model: nn.Module, seed: int) -> None:
 
 def test_the_average_follows_each_update_at_the_warmed_up_decay():
     model = Tied()
-    ema = WeightAverage(model, 0.5)
+    ema = WeightAverage(model, 0.2)
     assert len(ema.averages) == 4  # the tied matrix once, the hidden weight, two biases
     expected = {name: param.detach().clone() for name, param in model.named_parameters()}
     for step in (1, 2, 3):
         nudge(model, step)
         ema.update(step)
-        decay = min(0.5, (1 + step) / (10 + step))  # 2/11, 3/12, then 0.5
+        decay = min(0.2, (1 + step) / (10 + step))  # 2/11 after the first update, then the configured 0.2
         for name, param in model.named_parameters():
             expected[name] = decay * expected[name] + (1 - decay) * param.detach()
     for name, average in zip(ema.names, ema.averages):
@@ -98,6 +98,8 @@ def test_the_average_leaves_training_alone_and_is_what_the_run_validates_and_kee
     assert moved, "the average should lag behind the training weights"
     # the last validation's weights are the average, as is what nmt-evaluate and nmt-translate load
     assert_same_weights(weights(averaged_run, "val-00000020"), last["model"])
+    best_step = max(val_records(averaged_run), key=lambda r: r["bleu"])["step"]  # the first, on a tie
+    assert_same_weights(weights(averaged_run, "best"), weights(averaged_run, f"val-{best_step:08d}"))
     run = load_trained(averaged_run, "last", torch.device("cpu"))
     assert_same_weights(run.model.state_dict(), last["model"])
     # ... and the average is what was validated: another dev loss from the same training
@@ -108,7 +110,7 @@ def test_the_average_leaves_training_alone_and_is_what_the_run_validates_and_kee
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run_with_an_average(shared_data_dir, tmp_path):
-    extra = ["trainer.max_steps=12", "trainer.validate_every=4", "trainer.ema_decay=0.8"]
+    extra = ["trainer.validate_every=4", "trainer.ema_decay=0.8"]  # one epoch of 10 updates; checkpoints at 4 and 8
     reference = tmp_path / "reference"
     train(shared_data_dir, reference, *extra)
     run_dir = tmp_path / "run"
@@ -125,10 +127,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_with_an_average(shared
 
 def test_an_average_switched_on_at_a_resume_starts_from_the_resumed_weights(shared_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    train(shared_data_dir, run_dir, "trainer.max_steps=4", "trainer.validate_every=4")
-    out = train(shared_data_dir, run_dir, "trainer.max_steps=8", "trainer.validate_every=4", "trainer.ema_decay=0.9",
-                "trainer.resume=true")
+    train(shared_data_dir, run_dir, "trainer.max_steps=4")
+    out = train(shared_data_dir, run_dir, "trainer.max_steps=5", "trainer.ema_decay=0.9", "trainer.resume=true")
     assert "holds no moving average, so it starts from the resumed weights" in out.stderr + out.stdout
+    before = load_checkpoint(run_dir / "checkpoints" / "last.prev.pt")  # step 4, no average
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert last["train_state"]["step"] == 8 and "training_model" in last
-    assert any(not torch.equal(last["model"][k], last["training_model"][k]) for k in last["model"])
+    assert before["train_state"]["step"] == 4 and "training_model" not in before
+    assert last["train_state"]["step"] == 5
+    rate = min(0.9, 6 / 15)  # the decay after update 5
+    for key, average in last["model"].items():
+        expected = rate * before["model"][key] + (1 - rate) * last["training_model"][key]
+        torch.testing.assert_close(average, expected, msg=key)
