@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import FAST_DEBUG, run_cli
 from nmt.checkpoint import load_checkpoint
 from nmt.ema import WeightAverage
 from nmt.run import load_trained
-from test_train import CRASH_AFTER_SAVING, assert_same_weights, train, uninterrupted, val_records, weights  # noqa: F401
+from test_train import assert_same_weights, crash_after_saving, train, uninterrupted, val_records, weights  # noqa: F401
 
 
 class Tied(nn.Module):
@@ -114,9 +111,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_with_an_average(shared
     reference = tmp_path / "reference"
     train(shared_data_dir, reference, *extra)
     run_dir = tmp_path / "run"
-    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
-    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=8), *args)
-    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    crash_after_saving(shared_data_dir, run_dir, 8, *extra)
     train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
     for name in ("last", "best"):
         assert_same_weights(weights(run_dir, name), weights(reference, name))

@@ -299,15 +299,20 @@ train()
 """
 
 
+def crash_after_saving(data_dir: Path, run_dir: Path, step: int, *extra: str) -> None:
+    """nmt-train that dies, as in a power cut, right after writing the last.pt of update `step`."""
+    args = [*FAST_DEBUG, f"paths.data_dir={data_dir}", f"paths.run_dir={run_dir}", *extra]
+    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=step), *args)
+    assert crashed.returncode == 137, crashed.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_resume_after_a_hard_crash_mid_epoch_equals_an_uninterrupted_run(shared_data_dir, tmp_path):
     extra = ["trainer.max_epochs=2", "trainer.validate_every=4"]  # checkpoints at steps 4, 8, 12, ... mid-epoch
     reference = tmp_path / "reference"
     train(shared_data_dir, reference, *extra)
     run_dir = tmp_path / "run"
-    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
-    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=8), *args)
-    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    crash_after_saving(shared_data_dir, run_dir, 8, *extra)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (8, 0, 8)
     train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
@@ -530,9 +535,7 @@ def test_a_run_resumed_mid_epoch_trains_on_the_pieces_sampled_for_that_epoch(sha
     run_dir = tmp_path / "run"
     (run_dir / "segmentation").mkdir(parents=True)
     shutil.copy(reference / "segmentation" / "epoch-0001.npz", run_dir / "segmentation")
-    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
-    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=3), *args)
-    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    crash_after_saving(shared_data_dir, run_dir, 3, *extra)
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"]["batch_in_epoch"] == 3  # mid-epoch
     out = train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
     assert "segmentation sampled" not in out.stderr and "sampled for it before" in out.stderr
@@ -550,9 +553,7 @@ def test_linear_schedule_falls_with_the_steps_and_resumes_after_a_crash_as_if_un
     # after update k of 8 the rate is 0.003 - 0.0027 * k / 8: each validation logs the rate for the next update
     assert [r["lr"] for r in val_records(reference)] == pytest.approx([0.003 - 0.0027 * k / 8 for k in (2, 4, 6, 8)])
     run_dir = tmp_path / "run"
-    args = [*FAST_DEBUG, f"paths.data_dir={shared_data_dir}", f"paths.run_dir={run_dir}", *extra]
-    crashed = run_cli(sys.executable, "-c", CRASH_AFTER_SAVING.format(step=4), *args)
-    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    crash_after_saving(shared_data_dir, run_dir, 4, *extra)
     train(shared_data_dir, run_dir, *extra, "trainer.resume=true")
     assert_same_weights(weights(run_dir, "last"), weights(reference, "last"))
     assert val_records(run_dir) == val_records(reference)
