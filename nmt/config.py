@@ -360,7 +360,7 @@ class TrainerConfig:
     # with fewer epochs in its budget, does not average the early ones; 0 = all N
     average_from: float = 0.0
     # a moving average of the weights, updated after every update (nmt/ema.py): validation, best.pt, val-STEP.pt
-    # and last.pt's model hold it; 0.999 averages over about the last 1,000 updates; 0 = none
+    # and last.pt's model hold it; 0.999 averages over about the last 1,000 updates, once past its warm-up; 0 = none
     ema_decay: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the forward pass; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the step of a decoder of 2+ layers; else, or on failure, eager with a warning

@@ -4,8 +4,8 @@ After every update, each average moves a share of the way towards the weight it 
 ema <- decay * ema + (1 - decay) * weight, with the decay of update t held at (1 + t) / (10 + t)
 while that is smaller, so that the first updates do not leave the average near the initial weights,
 as Marian's `--exponential-smoothing` (which takes 1 - decay) and TensorFlow's ExponentialMovingAverage
-do; fairseq's `--ema-decay` keeps its decay fixed. A decay of 0.999 averages over about the last 1,000
-updates.
+do; fairseq's `--ema-decay` keeps its decay fixed. Past that warm-up (8,990 updates for 0.999), a decay
+of 0.999 averages over about the last 1,000 updates; before it, over about the last t / 9.
 
 The updates are those of a run without the average, but validation scores the average, so what is
 decided on the dev score (the plateau scheduler's cuts, early stopping) follows it. best.pt, the
