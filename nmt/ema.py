@@ -50,8 +50,7 @@ class WeightAverage:
     @torch.no_grad()
     def restart(self) -> None:
         """Start the average afresh from the present weights (a resume from a checkpoint without one)."""
-        for average, param in zip(self.averages, self.params):
-            average.copy_(param)
+        torch._foreach_copy_(self.averages, self.params)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
